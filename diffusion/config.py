@@ -1,0 +1,345 @@
+"""Typed configs for every component, loaded from YAML with dotted command-line overrides.
+
+YAML holds data only. Every key maps onto a dataclass field; an unknown key is an error that
+names the key and lists the valid ones, so a typo never goes unnoticed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema."""
+
+
+# ----------------------------------------------------------------------------- components
+
+
+@dataclass
+class VAEConfig:
+    """KL autoencoder (LDM's AutoencoderKL). f = 2 ** (len(channel_mult) - 1)."""
+
+    in_channels: int = 3
+    latent_channels: int = 4
+    channels: int = 128
+    channel_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    norm_groups: int = 32
+    mid_attention: bool = True
+    # The U-Net sees z * scale_factor. SD's VAE uses 0.18215; training sets 1/std(z).
+    scale_factor: float = 0.18215
+
+    @property
+    def factor(self) -> int:
+        return 2 ** (len(self.channel_mult) - 1)
+
+
+@dataclass
+class TextEncoderConfig:
+    """open_clip text transformer: a named architecture, or a custom tower when arch is null."""
+
+    arch: Optional[str] = None  # e.g. "ViT-B-32", "ViT-L-14"; null = the custom tower below
+    pretrained: Optional[str] = None  # null, an open_clip pretrained tag, or a local weights file
+    width: int = 512
+    layers: int = 12
+    heads: int = 8
+    context_length: int = 77
+    vocab_size: int = 49408
+    layer: Literal["last", "penultimate"] = "last"
+    trainable: bool = False
+
+
+@dataclass
+class UNetConfig:
+    """SD-style U-Net noise predictor: net(x_t, t, context) -> eps."""
+
+    in_channels: int = 4
+    out_channels: int = 4
+    model_channels: int = 320
+    channel_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    attention_levels: tuple[int, ...] = (0, 1, 2)  # levels (0 = highest resolution) with transformers
+    mid_attention: bool = True
+    num_heads: int = 8
+    transformer_depth: int = 1
+    context_dim: int = 768
+    norm_groups: int = 32
+    dropout: float = 0.0
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class ScheduleConfig:
+    """DDPM noise schedule over num_train_timesteps steps."""
+
+    num_train_timesteps: int = 1000
+    beta_schedule: Literal["linear", "scaled_linear", "cosine"] = "scaled_linear"
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    zero_terminal_snr: bool = False
+
+
+@dataclass
+class SamplingConfig:
+    """Generation defaults stored with a model."""
+
+    sampler: Literal["ddim", "ddpm"] = "ddim"
+    steps: int = 50
+    guidance: float = 7.5
+    eta: float = 0.0
+    timestep_spacing: Literal["leading", "trailing", "linspace"] = "leading"
+    steps_offset: int = 1
+    # DDIM's alpha_cumprod before the first step: 1 (diffusers' set_alpha_to_one) or alphas_cumprod[0] (SD).
+    final_alpha_one: bool = False
+
+
+@dataclass
+class ShapesConfig:
+    """Generate the built-in shapes dataset at data.path when it is missing."""
+
+    generate: bool = False
+    num: int = 2000
+    seed: int = 0
+    held_out: tuple[str, ...] = ()  # (color, shape) pairs kept out, e.g. "red circle"
+
+
+@dataclass
+class DataConfig:
+    path: str = "data/shapes"
+    resolution: int = 32
+    crop: Literal["center", "random"] = "center"
+    flip: bool = False
+    caption_dropout: float = 0.1
+    missing_caption: Literal["error", "empty", "skip"] = "error"
+    min_size: int = 8  # images with a side below this are skipped
+    num_workers: int = 0
+    shapes: ShapesConfig = field(default_factory=ShapesConfig)
+
+
+@dataclass
+class VAETrainingConfig:
+    pretrained: Optional[str] = None  # an existing VAE (pipeline folder or weights file) skips the stage
+    max_steps: int = 1000
+    batch_size: int = 16
+    lr: float = 1e-4
+    warmup_steps: int = 0
+    rec_loss: Literal["l1", "l2"] = "l1"
+    kl_weight: float = 1e-6
+    disc_start: int = -1  # step at which the PatchGAN term starts; -1 = never
+    disc_weight: float = 0.5
+    grad_clip: float = 1.0
+    val_images: int = 16  # held back for reconstruction PSNR
+    scale_samples: int = 256  # images whose latents set the scale factor (scale_by_std)
+    checkpoint_every: int = 500
+
+
+@dataclass
+class TrainingConfig:
+    """The latent diffusion stage. Defaults follow SD v1 / diffusers' training script."""
+
+    max_steps: int = 10000
+    batch_size: int = 16
+    lr: float = 1e-4
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 1e-2
+    adam_eps: float = 1e-8
+    grad_clip: float = 1.0
+    grad_accum: int = 1
+    warmup_steps: int = 500
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    ema_decay: float = 0.9999
+    ema_warmup: bool = True
+    min_snr_gamma: Optional[float] = None
+    offset_noise: float = 0.0
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+    validation_prompts: tuple[str, ...] = ()
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    cache_latents: bool = True
+    log_every: int = 10
+    tensorboard: bool = False
+
+
+@dataclass
+class ModelInfo:
+    """What a saved model is, shown by the demo and written into image metadata."""
+
+    name: str = "model"
+    resolution: int = 32
+    trained_on: str = ""
+    example_prompts: tuple[str, ...] = ()
+
+
+@dataclass
+class PipelineConfig:
+    """Everything needed to rebuild a saved pipeline; stored as pipeline.yaml beside the weights."""
+
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    info: ModelInfo = field(default_factory=ModelInfo)
+
+
+@dataclass
+class Config:
+    name: str = "model"
+    output_dir: str = "runs/model"
+    seed: int = 0
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    vae_training: VAETrainingConfig = field(default_factory=VAETrainingConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+
+    def __post_init__(self):
+        validate(self)
+
+    def pipeline_config(self, **info) -> PipelineConfig:
+        return PipelineConfig(
+            vae=self.vae,
+            text_encoder=self.text_encoder,
+            unet=self.unet,
+            schedule=self.schedule,
+            sampling=self.sampling,
+            info=ModelInfo(name=self.name, resolution=self.data.resolution, **info),
+        )
+
+
+def validate(cfg: Config) -> None:
+    """Cross-component checks that a single field's type cannot express."""
+    if cfg.unet.in_channels != cfg.vae.latent_channels:
+        raise ConfigError(
+            f"unet.in_channels ({cfg.unet.in_channels}) must equal vae.latent_channels ({cfg.vae.latent_channels})"
+        )
+    if cfg.text_encoder.arch is None and cfg.unet.context_dim != cfg.text_encoder.width:
+        raise ConfigError(
+            f"unet.context_dim ({cfg.unet.context_dim}) must equal text_encoder.width ({cfg.text_encoder.width})"
+        )
+    if cfg.data.resolution % cfg.vae.factor:
+        raise ConfigError(f"data.resolution ({cfg.data.resolution}) must be divisible by the VAE factor {cfg.vae.factor}")
+    bad_levels = [lvl for lvl in cfg.unet.attention_levels if not 0 <= lvl < len(cfg.unet.channel_mult)]
+    if bad_levels:
+        raise ConfigError(f"unet.attention_levels {bad_levels} out of range for {len(cfg.unet.channel_mult)} levels")
+
+
+# ----------------------------------------------------------------------------- dict <-> dataclass
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`, converting lists to tuples and ints to floats."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, args))}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return from_dict(tp, value, prefix=key + ".")
+    if origin is tuple:
+        if isinstance(value, str) or not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(f"{key}: expected {len(args)} values, got {len(value)}")
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if tp is float and isinstance(value, str):
+        # YAML 1.1 reads "2e-4" (no dot) as a string; accept it as the number the user meant.
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, bool) or not isinstance(value, tp):
+        raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r}")
+    return value
+
+
+def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
+    """Build dataclass `cls` from a nested dict; unknown keys raise ConfigError."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        raise ConfigError(f"unknown config key '{prefix}{unknown[0]}'; valid keys under '{prefix or '.'}': {', '.join(names)}")
+    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{prefix or 'config'}: {e}") from None
+
+
+def to_dict(cfg: Any) -> dict:
+    """A plain nested dict of lists and scalars, safe for YAML and JSON."""
+
+    def plain(v):
+        if isinstance(v, tuple):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> dict:
+    """Apply `a.b.c=value` overrides to a nested dict; values are parsed as YAML scalars or lists."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like key=value, e.g. training.lr=2e-4")
+        dotted, raw = item.split("=", 1)
+        keys = dotted.strip().split(".")
+        node = data
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{dotted}': '{k}' is not a section")
+        node[keys[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+    return data
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys")
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a Config from YAML (or the defaults when path is None) plus dotted overrides."""
+    data = load_yaml(path) if path is not None else {}
+    return from_dict(Config, apply_overrides(data, overrides))
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -1,0 +1,142 @@
+"""Generation parameters, written into PNGs the way AUTOMATIC1111's web UI does ("infotext").
+
+The PNG tEXt chunk `parameters` holds:
+
+    <prompt>
+    Negative prompt: <negative prompt>        (left out when empty)
+    Steps: 50, Sampler: DDIM, CFG scale: 7.5, Seed: 1234, Size: 512x512, Model hash: ..., Model: ...
+
+A value containing a comma, colon or newline is written as a JSON string. The same parameters are
+also stored as JSON under the key `generation`, which is what we read back first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, PngImagePlugin
+
+SAMPLER_NAMES = {"ddim": "DDIM", "ddpm": "DDPM"}
+JSON_KEY = "generation"
+
+
+@dataclass
+class GenerationParams:
+    prompt: str
+    negative_prompt: str = ""
+    steps: int = 50
+    sampler: str = "ddim"
+    guidance: float = 7.5
+    seed: int = 0
+    height: int = 32
+    width: int = 32
+    eta: float = 0.0
+    model_name: str = ""
+    model_hash: str = ""
+
+    def to_infotext(self) -> str:
+        pairs = {
+            "Steps": self.steps,
+            "Sampler": SAMPLER_NAMES.get(self.sampler, self.sampler),
+            "CFG scale": self.guidance,
+            "Seed": self.seed,
+            "Size": f"{self.width}x{self.height}",
+            "Model hash": self.model_hash,
+            "Model": self.model_name,
+            "Eta": self.eta,
+        }
+        last = ", ".join(f"{k}: {_quote(v)}" for k, v in pairs.items() if v != "")
+        lines = [self.prompt]
+        if self.negative_prompt:
+            lines.append(f"Negative prompt: {self.negative_prompt}")
+        return "\n".join([*lines, last])
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> "GenerationParams":
+        data = json.loads(text)
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+    @classmethod
+    def from_infotext(cls, text: str) -> "GenerationParams":
+        """Parse A1111 infotext. Raises ValueError when there is no parameter line."""
+        lines = text.strip().split("\n")
+        pairs = _parse_pairs(lines[-1]) if lines else {}
+        # A1111 treats a line as parameters only when it holds at least 3 `Key: value` pairs.
+        if len(pairs) < 3:
+            raise ValueError("no generation parameters found (expected a 'Steps: ..., Sampler: ...' line)")
+        body = lines[:-1]
+        negative_at = next((i for i, ln in enumerate(body) if ln.startswith("Negative prompt:")), len(body))
+        prompt = "\n".join(body[:negative_at])
+        negative = "\n".join(body[negative_at:])[len("Negative prompt:"):].strip() if negative_at < len(body) else ""
+        width, height = (int(v) for v in pairs.get("Size", "32x32").split("x"))
+        sampler = {v: k for k, v in SAMPLER_NAMES.items()}.get(pairs.get("Sampler", "DDIM"), pairs.get("Sampler", "ddim").lower())
+        return cls(
+            prompt=prompt,
+            negative_prompt=negative,
+            steps=int(pairs.get("Steps", 50)),
+            sampler=sampler,
+            guidance=float(pairs.get("CFG scale", 7.5)),
+            seed=int(pairs.get("Seed", 0)),
+            height=height,
+            width=width,
+            eta=float(pairs.get("Eta", 0.0)),
+            model_name=pairs.get("Model", ""),
+            model_hash=pairs.get("Model hash", ""),
+        )
+
+
+def _quote(value) -> str:
+    text = str(value)
+    return json.dumps(text) if any(c in text for c in ",:\n") else text
+
+
+# `Key: value` where value is either a JSON string or runs to the next comma.
+_PAIR = re.compile(r'\s*([\w ][\w \-/]*):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
+
+
+def _parse_pairs(line: str) -> dict[str, str]:
+    pairs = {}
+    for key, value in _PAIR.findall(line):
+        value = value.strip()
+        if value.startswith('"') and value.endswith('"') and len(value) >= 2:
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                pass
+        pairs[key.strip()] = value
+    return pairs
+
+
+def attach(image: Image.Image, params: GenerationParams) -> Image.Image:
+    """Record `params` in image.info, where save_png (and Gradio's PNG export) pick them up."""
+    image.info["parameters"] = params.to_infotext()
+    image.info[JSON_KEY] = params.to_json()
+    return image
+
+
+def save_png(image: Image.Image, path: str | Path) -> None:
+    """Write `image` as PNG, carrying the parameters that `attach` recorded as tEXt chunks."""
+    meta = PngImagePlugin.PngInfo()
+    for key in ("parameters", JSON_KEY):
+        if key in image.info:
+            meta.add_text(key, image.info[key])
+    image.save(path, format="PNG", pnginfo=meta)
+
+
+def read_png_params(path: str | Path) -> GenerationParams:
+    """Read parameters back from a PNG we (or A1111) wrote. Raises ValueError when it has none."""
+    with Image.open(path) as img:
+        info = dict(img.info)
+    if JSON_KEY in info:
+        return GenerationParams.from_json(info[JSON_KEY])
+    if "parameters" in info:
+        return GenerationParams.from_infotext(info["parameters"])
+    raise ValueError(f"{path} carries no generation parameters (no 'parameters' text chunk)")

@@ -1,0 +1,178 @@
+"""Layers shared by the VAE and the U-Net: ResNet blocks, resampling, attention, transformer blocks."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+
+def zero_module(module: nn.Module) -> nn.Module:
+    """Zero a layer's parameters so that a residual branch starts as the identity (as LDM does)."""
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of (B,) timesteps -> (B, dim), cos first (LDM / diffusers flip_sin_to_cos)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t.float()[:, None] * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = F.pad(emb, (0, 1))
+    return emb
+
+
+class ResBlock(nn.Module):
+    """GroupNorm -> SiLU -> conv, twice, with an optional timestep projection added in between."""
+
+    def __init__(
+        self,
+        in_ch: int,
+        out_ch: int,
+        emb_ch: int = 0,
+        groups: int = 32,
+        dropout: float = 0.0,
+        zero_init: bool = False,
+    ):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, in_ch, eps=1e-6)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.emb_proj = nn.Linear(emb_ch, out_ch) if emb_ch else None
+        self.norm2 = nn.GroupNorm(groups, out_ch, eps=1e-6)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        if zero_init:
+            zero_module(self.conv2)
+        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
+        # emb arrives already passed through SiLU: the U-Net applies it once for all blocks.
+        h = self.conv1(F.silu(self.norm1(x)))
+        if self.emb_proj is not None:
+            h = h + self.emb_proj(emb)[:, :, None, None]
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return self.skip(x) + h
+
+
+class Downsample(nn.Module):
+    """Stride-2 3x3 conv. LDM's VAE pads (0, 1, 0, 1) instead of 1 on each side; both halve H and W."""
+
+    def __init__(self, ch: int, asymmetric_pad: bool = False):
+        super().__init__()
+        self.asymmetric_pad = asymmetric_pad
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=0 if asymmetric_pad else 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.asymmetric_pad:
+            x = F.pad(x, (0, 1, 0, 1))
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour x2, then a 3x3 conv."""
+
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+        # `size` lets the U-Net match a skip connection whose side was odd before downsampling.
+        x = F.interpolate(x, size=size, mode="nearest") if size else F.interpolate(x, scale_factor=2.0, mode="nearest")
+        return self.conv(x)
+
+
+class Attention(nn.Module):
+    """Multi-head attention through SDPA. Self-attention uses one fused QKV projection."""
+
+    def __init__(self, dim: int, heads: int, context_dim: int | None = None, bias: bool = False):
+        super().__init__()
+        assert dim % heads == 0, f"attention width {dim} must be divisible by the number of heads {heads}"
+        self.heads = heads
+        self.is_cross = context_dim is not None
+        if self.is_cross:
+            self.to_q = nn.Linear(dim, dim, bias=bias)
+            self.to_kv = nn.Linear(context_dim, 2 * dim, bias=bias)
+        else:
+            self.to_qkv = nn.Linear(dim, 3 * dim, bias=bias)
+        self.to_out = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        # x: (B, N, C); context: (B, M, C_ctx)
+        if self.is_cross:
+            q = self.to_q(x)
+            k, v = self.to_kv(context).chunk(2, dim=-1)
+        else:
+            q, k, v = self.to_qkv(x).chunk(3, dim=-1)
+        q, k, v = (rearrange(a, "b n (h d) -> b h n d", h=self.heads) for a in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v)  # (B, h, N, d)
+        return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
+
+
+class GEGLU(nn.Module):
+    """Feed-forward with a GELU-gated linear unit (Shazeer 2020), 4x inner width as in SD."""
+
+    def __init__(self, dim: int, mult: int = 4):
+        super().__init__()
+        inner = dim * mult
+        self.proj = nn.Linear(dim, 2 * inner)
+        self.out = nn.Linear(inner, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, gate = self.proj(x).chunk(2, dim=-1)
+        return self.out(a * F.gelu(gate))
+
+
+class TransformerBlock(nn.Module):
+    """LayerNorm -> self-attention -> LayerNorm -> cross-attention -> LayerNorm -> GEGLU, each residual."""
+
+    def __init__(self, dim: int, heads: int, context_dim: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn1 = Attention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.attn2 = Attention(dim, heads, context_dim=context_dim)
+        self.norm3 = nn.LayerNorm(dim)
+        self.ff = GEGLU(dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn2(self.norm2(x), context)
+        return x + self.ff(self.norm3(x))
+
+
+class SpatialTransformer(nn.Module):
+    """Runs transformer blocks over the H*W positions of a feature map (LDM's SpatialTransformer)."""
+
+    def __init__(self, ch: int, heads: int, context_dim: int, depth: int = 1, groups: int = 32):
+        super().__init__()
+        self.norm = nn.GroupNorm(groups, ch, eps=1e-6)
+        self.proj_in = nn.Conv2d(ch, ch, 1)
+        self.blocks = nn.ModuleList(TransformerBlock(ch, heads, context_dim) for _ in range(depth))
+        self.proj_out = zero_module(nn.Conv2d(ch, ch, 1))
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        _, _, h, w = x.shape
+        y = rearrange(self.proj_in(self.norm(x)), "b c h w -> b (h w) c")
+        for block in self.blocks:
+            y = block(y, context)
+        return x + self.proj_out(rearrange(y, "b (h w) c -> b c h w", h=h, w=w))
+
+
+class SelfAttention2d(nn.Module):
+    """Single-head self-attention over a feature map: the VAE's middle block."""
+
+    def __init__(self, ch: int, groups: int = 32):
+        super().__init__()
+        self.norm = nn.GroupNorm(groups, ch, eps=1e-6)
+        self.attn = Attention(ch, heads=1, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _, _, h, w = x.shape
+        y = self.attn(rearrange(self.norm(x), "b c h w -> b (h w) c"))
+        return x + rearrange(y, "b (h w) c -> b c h w", h=h, w=w)

@@ -1,0 +1,242 @@
+"""The text-to-image pipeline: VAE + text encoder + U-Net + noise schedule, saved as one folder.
+
+    model/
+      pipeline.yaml               PipelineConfig: every component's config, sampling defaults, model info
+      vae.safetensors
+      text_encoder.safetensors
+      unet.safetensors
+
+`generate()` is the one generation path: sample.py and app.py both call it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import shutil
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .config import ConfigError, PipelineConfig, from_dict, load_yaml, save_config
+from .infotext import GenerationParams, attach
+from .samplers import classifier_free_guidance, ddim, ddpm
+from .schedule import NoiseSchedule, inference_timesteps
+from .text import TextEncoder
+from .unet import UNet
+from .vae import AutoencoderKL
+from .weights import WeightsError, load_state_dict_checked, load_weights_file, save_weights
+
+CONFIG_FILE = "pipeline.yaml"
+COMPONENTS = ("vae", "text_encoder", "unet")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class PipelineError(ValueError):
+    """A model folder that cannot be loaded, or generation arguments that are out of range."""
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """(B, 3, H, W) in [-1, 1] -> PIL RGB images."""
+    arr = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(np.ascontiguousarray(a)) for a in arr]
+
+
+def is_model_dir(path: str | Path) -> bool:
+    return (Path(path) / CONFIG_FILE).is_file()
+
+
+class Pipeline:
+    def __init__(
+        self,
+        cfg: PipelineConfig,
+        vae: AutoencoderKL | None = None,
+        text_encoder: TextEncoder | None = None,
+        unet: UNet | None = None,
+    ):
+        self.cfg = cfg
+        self.vae = vae if vae is not None else AutoencoderKL(cfg.vae)
+        self.text_encoder = text_encoder if text_encoder is not None else TextEncoder(cfg.text_encoder)
+        self.unet = unet if unet is not None else UNet(cfg.unet)
+        if self.text_encoder.width != cfg.unet.context_dim:
+            raise ConfigError(
+                f"unet.context_dim ({cfg.unet.context_dim}) must equal the text encoder's width ({self.text_encoder.width})"
+            )
+        self.schedule = NoiseSchedule(cfg.schedule)
+        self.device = torch.device("cpu")
+        self.dtype = torch.float32
+        self.model_hash = ""
+        for module in self.modules():
+            module.eval()
+
+    def modules(self):
+        return (self.vae, self.text_encoder, self.unet)
+
+    @property
+    def vae_factor(self) -> int:
+        return self.cfg.vae.factor
+
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | str | None = None) -> "Pipeline":
+        """Move to a device and dtype. The VAE stays fp32: it is cheap and fp16 decodes can overflow to NaN."""
+        self.device = torch.device(device) if device is not None else default_device()
+        if isinstance(dtype, str):
+            dtype = DTYPES[dtype]
+        self.dtype = dtype or torch.float32
+        self.vae.to(self.device, torch.float32)
+        self.text_encoder.to(self.device, self.dtype)
+        self.unet.to(self.device, self.dtype)
+        self.schedule = self.schedule.to(self.device)
+        return self
+
+    # ------------------------------------------------------------------ save / load
+
+    def save(self, path: str | Path) -> None:
+        """Write the folder atomically: build it beside the target, then swap it in."""
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        # The weights live in this folder now, so the saved config must not point at a download tag.
+        text_cfg = dataclasses.replace(self.cfg.text_encoder, pretrained=None)
+        save_config(dataclasses.replace(self.cfg, text_encoder=text_cfg), tmp / CONFIG_FILE)
+        for name in COMPONENTS:
+            save_weights(getattr(self, name), tmp / f"{name}.safetensors")
+        old = path.with_name(path.name + ".old")
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | str | None = None) -> "Pipeline":
+        path = Path(path)
+        if not path.is_dir():
+            raise PipelineError(f"model folder not found: {path}")
+        if not is_model_dir(path):
+            raise PipelineError(f"{path} is not a model folder (no {CONFIG_FILE}); point at the 'model' folder a training run exports")
+        cfg = from_dict(PipelineConfig, load_yaml(path / CONFIG_FILE))
+        pipe = cls(cfg)
+        for name in COMPONENTS:
+            file = path / f"{name}.safetensors"
+            if not file.is_file():
+                raise PipelineError(f"{path} is missing {file.name}")
+            load_state_dict_checked(getattr(pipe, name), load_weights_file(file), what=str(file))
+        pipe.model_hash = file_hash(path / "unet.safetensors")
+        return pipe.to(device, dtype)
+
+    # ------------------------------------------------------------------ generation
+
+    def check_args(self, steps: int, guidance: float, eta: float, height: int, width: int, sampler: str) -> None:
+        """Raise PipelineError with a one-line fix for any out-of-range argument."""
+        f = self.vae_factor
+        if sampler not in ("ddim", "ddpm"):
+            raise PipelineError(f"sampler must be 'ddim' or 'ddpm', got {sampler!r}")
+        if not 1 <= steps <= self.cfg.schedule.num_train_timesteps:
+            raise PipelineError(f"steps must be between 1 and {self.cfg.schedule.num_train_timesteps}, got {steps}")
+        if guidance < 0:
+            raise PipelineError(f"guidance must be >= 0, got {guidance}")
+        if not 0.0 <= eta <= 1.0:
+            raise PipelineError(f"eta must be in [0, 1], got {eta}")
+        if height < f or width < f or height % f or width % f:
+            raise PipelineError(f"height and width must be positive multiples of the VAE factor {f}, got {height}x{width}")
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: str | list[str],
+        negative_prompt: str = "",
+        steps: int | None = None,
+        guidance: float | None = None,
+        sampler: str | None = None,
+        eta: float | None = None,
+        seed: int = 0,
+        height: int | None = None,
+        width: int | None = None,
+        batch_size: int = 8,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> list[Image.Image]:
+        """One image per prompt; image i uses seed + i whatever the batch size.
+
+        Unset arguments take the defaults stored with the model. Each returned image carries its
+        generation parameters in image.info (see infotext.save_png). `progress(done, total)` is
+        called after every denoising step.
+        """
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        d = self.cfg.sampling
+        steps, guidance = steps or d.steps, d.guidance if guidance is None else guidance
+        sampler, eta = sampler or d.sampler, d.eta if eta is None else eta
+        height, width = height or self.cfg.info.resolution, width or self.cfg.info.resolution
+        self.check_args(steps, guidance, eta, height, width, sampler)
+
+        T = self.cfg.schedule.num_train_timesteps
+        timesteps = inference_timesteps(T, steps, d.timestep_spacing, d.steps_offset).to(self.device)
+        abar = self.schedule.alphas_cumprod
+        final_abar = 1.0 if d.final_alpha_one else abar[0]
+        latent_shape = (self.cfg.vae.latent_channels, height // self.vae_factor, width // self.vae_factor)
+        # The unconditional (or negative-prompt) embedding is the same for every batch and step.
+        uncond = self.text_encoder.encode([negative_prompt]).to(self.dtype) if guidance != 1.0 else None
+
+        images: list[Image.Image] = []
+        total, done = len(prompts) * steps, 0
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start : start + batch_size]
+            # CPU generators, so that a seed gives the same noise on every device and batch size.
+            generators = [torch.Generator().manual_seed(seed + start + i) for i in range(len(chunk))]
+            x_T = torch.stack([torch.randn(latent_shape, generator=g) for g in generators]).to(self.device, self.dtype)
+            context = self.text_encoder.encode(chunk).to(self.dtype)  # (B, L, D)
+            uncond_b = uncond.expand(len(chunk), -1, -1) if uncond is not None else None
+            model = classifier_free_guidance(self.unet, context, uncond_b, guidance)
+
+            def callback(i, t, x_t, _base=done):
+                if progress is not None:
+                    progress(_base + i + 1, total)
+
+            if sampler == "ddim":
+                z0 = ddim(model, x_T, abar, timesteps, eta=eta, final_alpha_cumprod=final_abar, generators=generators, callback=callback)
+            else:
+                z0 = ddpm(model, x_T, abar, timesteps, generators=generators, callback=callback)
+            done += len(chunk) * steps
+            images += to_pil(self.decode(z0))
+
+        for i, (image, prompt) in enumerate(zip(images, prompts)):
+            params = GenerationParams(
+                prompt=prompt, negative_prompt=negative_prompt, steps=steps, sampler=sampler, guidance=guidance,
+                seed=seed + i, height=height, width=width, eta=eta, model_name=self.cfg.info.name, model_hash=self.model_hash,
+            )
+            attach(image, params)
+        return images
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Scaled latents -> images in [-1, 1] (B, 3, H, W)."""
+        return self.vae.decode(z.float() / self.cfg.vae.scale_factor)
+
+    def encode(self, images: torch.Tensor, generator: torch.Generator | None = None, sample: bool = False) -> torch.Tensor:
+        """Images in [-1, 1] -> scaled latents, the space the U-Net works in."""
+        posterior = self.vae.encode(images.float())
+        z = posterior.sample(generator) if sample else posterior.mode()
+        return z * self.cfg.vae.scale_factor
+
+
+def file_hash(path: str | Path) -> str:
+    """First 10 hex digits of the file's SHA-256, like AUTOMATIC1111's model hash."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:10]
+
+
+def load_pipeline(path: str | Path, device=None, dtype=None) -> Pipeline:
+    """Pipeline.load, with weight-file problems reported as PipelineError."""
+    try:
+        return Pipeline.load(path, device, dtype)
+    except (WeightsError, ConfigError) as e:
+        raise PipelineError(str(e)) from None

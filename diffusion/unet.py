@@ -1,0 +1,113 @@
+"""The U-Net noise predictor eps_theta(x_t, t, context) of latent diffusion (Rombach et al. 2022).
+
+The network knows nothing about noise schedules: it maps a noisy latent, an integer timestep and
+text-token embeddings to a tensor of the latent's shape. Layout follows SD v1 (and diffusers'
+UNet2DConditionModel): per level, `num_res_blocks` ResBlocks each optionally followed by a
+SpatialTransformer, a stride-2 conv between levels, a ResBlock-Transformer-ResBlock middle, and a
+mirrored decoder with `num_res_blocks + 1` blocks per level fed by skip connections.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .config import UNetConfig
+from .nn import Downsample, ResBlock, SpatialTransformer, Upsample, timestep_embedding, zero_module
+
+
+class UNetBlock(nn.Module):
+    """A ResBlock, an optional SpatialTransformer, and an optional resampler, applied in that order."""
+
+    def __init__(self, res: ResBlock | None, attn: SpatialTransformer | None, resample: nn.Module | None):
+        super().__init__()
+        self.res, self.attn, self.resample = res, attn, resample
+
+    def forward(self, h, emb, context, out_size=None):
+        if self.res is not None:
+            h = self.res(h, emb)
+        if self.attn is not None:
+            h = self.attn(h, context)
+        if isinstance(self.resample, Upsample):
+            h = self.resample(h, out_size)
+        elif self.resample is not None:
+            h = self.resample(h)
+        return h
+
+
+class UNet(nn.Module):
+    def __init__(self, cfg: UNetConfig):
+        super().__init__()
+        self.cfg = cfg
+        mc, groups = cfg.model_channels, cfg.norm_groups
+        emb_ch = 4 * mc
+        widths = [mc * m for m in cfg.channel_mult]
+        for w in [mc, *widths]:
+            if w % groups or w % cfg.num_heads:
+                raise ValueError(f"U-Net width {w} must be divisible by norm_groups={groups} and num_heads={cfg.num_heads}")
+
+        def res(i, o):
+            return ResBlock(i, o, emb_ch, groups, cfg.dropout, zero_init=True)
+
+        def attn(ch, level):
+            if level not in cfg.attention_levels:
+                return None
+            return SpatialTransformer(ch, cfg.num_heads, cfg.context_dim, cfg.transformer_depth, groups)
+
+        self.time_mlp = nn.Sequential(nn.Linear(mc, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch))
+        self.conv_in = nn.Conv2d(cfg.in_channels, mc, 3, padding=1)
+
+        # Encoder: remember each block's output width, since the decoder concatenates them back.
+        self.down = nn.ModuleList()
+        skip_widths, ch = [mc], mc
+        for level, w in enumerate(widths):
+            for _ in range(cfg.num_res_blocks):
+                self.down.append(UNetBlock(res(ch, w), attn(w, level), None))
+                ch = w
+                skip_widths.append(ch)
+            if level < len(widths) - 1:
+                self.down.append(UNetBlock(None, None, Downsample(ch)))
+                skip_widths.append(ch)
+
+        mid_attn = SpatialTransformer(ch, cfg.num_heads, cfg.context_dim, cfg.transformer_depth, groups) if cfg.mid_attention else None
+        self.mid = nn.ModuleList([UNetBlock(res(ch, ch), mid_attn, None), UNetBlock(res(ch, ch), None, None)])
+
+        # Decoder: num_res_blocks + 1 blocks per level, each eating one skip; upsample after the last.
+        self.up = nn.ModuleList()
+        for level in reversed(range(len(widths))):
+            w = widths[level]
+            for i in range(cfg.num_res_blocks + 1):
+                upsample = Upsample(w) if level > 0 and i == cfg.num_res_blocks else None
+                self.up.append(UNetBlock(res(ch + skip_widths.pop(), w), attn(w, level), upsample))
+                ch = w
+
+        self.norm_out = nn.GroupNorm(groups, ch, eps=1e-6)
+        self.conv_out = zero_module(nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
+
+    def _run(self, block: UNetBlock, h, emb, context, out_size=None):
+        if self.cfg.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(block, h, emb, context, out_size, use_reentrant=False)
+        return block(h, emb, context, out_size)
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """x_t: (B, C, H, W) noisy latents; t: (B,) or scalar timesteps; context: (B, L, context_dim)."""
+        if t.ndim == 0:
+            t = t.expand(x_t.shape[0])
+        # Every ResBlock's timestep projection starts with SiLU; apply it once here for all of them.
+        emb = F.silu(self.time_mlp(timestep_embedding(t, self.cfg.model_channels).to(x_t.dtype)))  # (B, 4*mc)
+
+        h = self.conv_in(x_t)
+        skips = [h]
+        for block in self.down:
+            h = self._run(block, h, emb, context)
+            skips.append(h)
+        for block in self.mid:
+            h = self._run(block, h, emb, context)
+        for block in self.up:
+            h = torch.cat([h, skips.pop()], dim=1)
+            # An upsampler must land on the next skip's size, which is odd when the input side was.
+            out_size = tuple(skips[-1].shape[-2:]) if block.resample is not None else None
+            h = self._run(block, h, emb, context, out_size)
+        return self.conv_out(F.silu(self.norm_out(h)))
