@@ -48,9 +48,10 @@ class TextEncoderConfig:
 
     arch: Optional[str] = None  # e.g. "ViT-B-32", "ViT-L-14"; null = the custom tower below
     pretrained: Optional[str] = None  # null, an open_clip pretrained tag, or a local weights file
-    width: int = 512
+    # Defaults are CLIP ViT-L/14's text tower, which SD v1 uses.
+    width: int = 768
     layers: int = 12
-    heads: int = 8
+    heads: int = 12
     context_length: int = 77
     vocab_size: int = 49408
     layer: Literal["last", "penultimate"] = "last"

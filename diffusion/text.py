@@ -28,6 +28,13 @@ def _import_open_clip():
     return open_clip, _build_text_tower, SimpleTokenizer
 
 
+@functools.lru_cache(maxsize=None)
+def _tokenizer(context_length: int):
+    # Building the BPE tables takes a second or more; every encoder with this context shares one.
+    _, _, SimpleTokenizer = _import_open_clip()
+    return SimpleTokenizer(context_length=context_length)
+
+
 def _tower_config(cfg: TextEncoderConfig) -> tuple[int, dict, bool]:
     """(embed_dim, text_cfg, quick_gelu) for the configured tower."""
     open_clip, _, _ = _import_open_clip()
@@ -64,13 +71,13 @@ def _text_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 class TextEncoder(nn.Module):
     def __init__(self, cfg: TextEncoderConfig):
         super().__init__()
-        open_clip, build_text_tower, SimpleTokenizer = _import_open_clip()
+        _, build_text_tower, _ = _import_open_clip()
         self.cfg = cfg
         embed_dim, text_cfg, quick_gelu = _tower_config(cfg)
         self.tower = build_text_tower(embed_dim, text_cfg, quick_gelu)
         self.context_length = self.tower.context_length
         self.width = self.tower.width
-        self.tokenizer = SimpleTokenizer(context_length=self.context_length)
+        self.tokenizer = _tokenizer(self.context_length)
         self._warned_truncation = False
         if cfg.pretrained:
             self.load_pretrained(cfg.pretrained)

@@ -1,0 +1,65 @@
+import pytest
+
+from diffusion.config import Config, ConfigError, load_config, save_config, to_dict, from_dict
+
+from conftest import ROOT
+
+
+def test_required_keys_exist():
+    cfg = Config()
+    for dotted in ["output_dir", "seed", "data.path", "data.resolution", "vae_training.max_steps",
+                   "training.max_steps", "training.batch_size", "training.checkpoint_every"]:
+        node = cfg
+        for part in dotted.split("."):
+            node = getattr(node, part)
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
+def test_shipped_configs_load(name):
+    load_config(ROOT / "configs" / name)
+
+
+def test_dotted_overrides_are_typed():
+    cfg = load_config(ROOT / "configs/tiny.yaml", ["training.lr=2e-4", "unet.channel_mult=[1, 2]", "training.min_snr_gamma=5",
+                                                   "data.flip=true", "training.validation_prompts=[a, b]"])
+    assert cfg.training.lr == 2e-4 and isinstance(cfg.training.lr, float)
+    assert cfg.unet.channel_mult == (1, 2)
+    assert cfg.training.min_snr_gamma == 5.0
+    assert cfg.data.flip is True
+    assert cfg.training.validation_prompts == ("a", "b")
+
+
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("training.lrr=1", "unknown config key 'training.lrr'"),
+        ("nope=1", "unknown config key 'nope'"),
+        ("sampling.sampler=euler", "'euler' is not one of"),
+        ("training.max_steps=ten", "training.max_steps: expected int"),
+        ("unet.channel_mult=3", "expected a list"),
+        ("data.resolution=15", "divisible by the VAE factor"),
+        ("unet.context_dim=32", "unet.context_dim"),
+        ("training.lr", "key=value"),
+    ],
+)
+def test_bad_keys_and_values_name_the_problem(override, fragment):
+    with pytest.raises(ConfigError, match=fragment.replace("(", r"\(").replace(".", r"\.")):
+        load_config(ROOT / "configs/tiny.yaml", [override])
+
+
+def test_unknown_key_lists_valid_keys():
+    with pytest.raises(ConfigError) as e:
+        load_config(ROOT / "configs/tiny.yaml", ["vae.chanels=3"])
+    assert "channels" in str(e.value) and "latent_channels" in str(e.value)
+
+
+def test_round_trip_through_yaml(tmp_path):
+    cfg = load_config(ROOT / "configs/tiny.yaml")
+    save_config(cfg, tmp_path / "c.yaml")
+    assert load_config(tmp_path / "c.yaml") == cfg
+    assert from_dict(Config, to_dict(cfg)) == cfg
+
+
+def test_missing_file_is_one_line(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "missing.yaml")
