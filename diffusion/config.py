@@ -178,6 +178,7 @@ class ModelInfo:
     resolution: int = 32
     trained_on: str = ""
     example_prompts: tuple[str, ...] = ()
+    held_out: tuple[str, ...] = ()  # shapes (color, shape) pairs never seen in training
 
 
 @dataclass
@@ -216,7 +217,7 @@ class Config:
             unet=self.unet,
             schedule=self.schedule,
             sampling=self.sampling,
-            info=ModelInfo(name=self.name, resolution=self.data.resolution, **info),
+            info=ModelInfo(name=self.name, resolution=self.data.resolution, held_out=self.data.shapes.held_out, **info),
         )
 
 

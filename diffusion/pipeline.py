@@ -171,9 +171,11 @@ class Pipeline:
         """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         d = self.cfg.sampling
-        steps, guidance = steps or d.steps, d.guidance if guidance is None else guidance
+        steps, guidance = d.steps if steps is None else steps, d.guidance if guidance is None else guidance
         sampler, eta = sampler or d.sampler, d.eta if eta is None else eta
-        height, width = height or self.cfg.info.resolution, width or self.cfg.info.resolution
+        # `is None`, not `or`: an explicit 0 must reach check_args and be rejected, not become the default.
+        res = self.cfg.info.resolution
+        height, width = res if height is None else height, res if width is None else width
         self.check_args(steps, guidance, eta, height, width, sampler)
 
         T = self.cfg.schedule.num_train_timesteps
@@ -195,9 +197,9 @@ class Pipeline:
             uncond_b = uncond.expand(len(chunk), -1, -1) if uncond is not None else None
             model = classifier_free_guidance(self.unet, context, uncond_b, guidance)
 
-            def callback(i, t, x_t, _base=done):
-                if progress is not None:
-                    progress(_base + i + 1, total)
+            def callback(i, t, x_t, _base=done, _n=len(chunk)):
+                if progress is not None:  # counts image-steps, so it reaches `total` whatever the batch size
+                    progress(_base + (i + 1) * _n, total)
 
             if sampler == "ddim":
                 z0 = ddim(model, x_T, abar, timesteps, eta=eta, final_alpha_cumprod=final_abar, generators=generators, callback=callback)

@@ -1,0 +1,73 @@
+"""Training data: image-caption folders (indexing, loading, transforms) and the built-in shapes dataset.
+
+Names are imported lazily, so `python -m diffusion.data.shapes` does not pay for importing torch and
+running a submodule as a script does not import it twice.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS = {
+    "folder": [
+        "CAPTION_EXTENSIONS",
+        "IMAGE_EXTENSIONS",
+        "DataError",
+        "FolderIndex",
+        "ImageCaptionDataset",
+        "image_transform",
+        "index_folder",
+        "load_image",
+        "to_rgb",
+    ],
+    "shapes": [
+        "COLORS",
+        "POSITIONS",
+        "SHAPES",
+        "all_prompts",
+        "caption",
+        "ensure_shapes",
+        "generate_shapes",
+        "parse_caption",
+    ],
+    "evaluate": ["classify", "format_score", "score"],
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = sorted(_MODULE_OF)
+
+if TYPE_CHECKING:
+    from diffusion.data.evaluate import classify, format_score, score
+    from diffusion.data.folder import (
+        CAPTION_EXTENSIONS,
+        IMAGE_EXTENSIONS,
+        DataError,
+        FolderIndex,
+        ImageCaptionDataset,
+        image_transform,
+        index_folder,
+        load_image,
+        to_rgb,
+    )
+    from diffusion.data.shapes import (
+        COLORS,
+        POSITIONS,
+        SHAPES,
+        all_prompts,
+        caption,
+        ensure_shapes,
+        generate_shapes,
+        parse_caption,
+    )
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_MODULE_OF[name]}"), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)

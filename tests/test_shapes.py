@@ -1,0 +1,140 @@
+"""The built-in shapes dataset and its pixel evaluator: deterministic files, captions that match their
+pixels, held-out pairs kept out, and an evaluator that scores the dataset and tolerates blur and noise."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageFilter
+
+from diffusion.config import DataConfig, ShapesConfig
+from diffusion.data import (
+    COLORS,
+    POSITIONS,
+    SHAPES,
+    all_prompts,
+    caption,
+    classify,
+    ensure_shapes,
+    generate_shapes,
+    index_folder,
+    parse_caption,
+    score,
+)
+from diffusion.data.shapes import draw_shape
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def shapes300(tmp_path_factory) -> tuple[list[Image.Image], list[str]]:
+    out = tmp_path_factory.mktemp("shapes")
+    captions = generate_shapes(out, 300, size=32, seed=0)
+    images = [Image.open(p).convert("RGB") for p in sorted(out.glob("*.png"))]
+    assert [p.read_text().strip() for p in sorted(out.glob("*.txt"))] == captions
+    return images, captions
+
+
+def test_prompts_and_captions_round_trip():
+    prompts = all_prompts()
+    assert len(prompts) == len(set(prompts)) == 90 == len(COLORS) * len(SHAPES) * len(POSITIONS)
+    assert prompts[0] == "a red circle in the center"
+    assert caption("red", "circle", "top left") == "a red circle in the top left"
+    assert [caption(*parse_caption(p)) for p in prompts] == prompts
+    with pytest.raises(ValueError):
+        parse_caption("a cat on a mat")
+
+
+def test_drawing_matches_the_spec():
+    img = np.asarray(draw_shape("purple", "triangle", (0.5, 0.5), 0.4, size=40))
+    assert tuple(img[0, 0]) == (0, 0, 0) and tuple(img[24, 20]) == COLORS["purple"]
+    rows = (img.max(axis=2) > 0).sum(axis=1)
+    assert rows[13] < rows[26]  # pointing up: narrow at the top, wide at the bottom
+    edge = img.max(axis=2)
+    assert ((edge > 0) & (edge < 150)).any()  # anti-aliased edge pixels
+
+
+def test_same_seed_same_bytes(tmp_path):
+    def files(seed: int, name: str) -> dict[str, bytes]:
+        generate_shapes(tmp_path / name, 12, size=32, seed=seed)
+        return {p.name: p.read_bytes() for p in sorted((tmp_path / name).iterdir())}
+
+    a, b, c = files(3, "a"), files(3, "b"), files(4, "c")
+    assert a == b and len(a) == 24
+    assert a != c
+
+
+def test_every_caption_matches_its_pixels(shapes300):
+    images, captions = shapes300
+    wrong = [t for img, t in zip(images, captions) if tuple(classify(img).values()) != parse_caption(t)]
+    assert not wrong  # the spec asks >= 98%; the clean dataset scores 100%
+    result = score(images[:100], captions[:100])
+    assert result["all"] == result["color"] == 1.0 and result["n"] == 100 and result["correct"]["all"] == 100
+    assert {p for p in (parse_caption(t)[2] for t in captions)} == set(POSITIONS)
+
+
+def test_evaluator_tolerates_blur_and_noise(shapes300):
+    images, captions = shapes300
+    rng = np.random.default_rng(0)
+    rough = []
+    for img in images[:90]:
+        a = np.asarray(img.filter(ImageFilter.GaussianBlur(0.8)), dtype=np.float64) * 0.85 + 15
+        rough.append(Image.fromarray(np.clip(a + rng.normal(0, 12, a.shape), 0, 255).astype(np.uint8)))
+    assert score(rough, captions[:90])["all"] >= 0.95
+
+
+def test_evaluator_inputs_and_empty_images(shapes300):
+    import torch
+
+    images, captions = shapes300
+    tensor = torch.from_numpy(np.array(images[0])).permute(2, 0, 1).float() / 127.5 - 1
+    want = dict(zip(("color", "shape", "position"), parse_caption(captions[0])))
+    assert classify(tensor) == classify(images[0]) == want
+    blank = Image.new("RGB", (32, 32))
+    assert classify(blank) == {"color": None, "shape": None, "position": None}
+    result = score([blank, images[0]], ["a red circle in the center", captions[0]])
+    assert result["all"] == 0.5 and result["correct"]["color"] == 1
+
+
+def test_held_out_pairs_are_absent(tmp_path):
+    captions = generate_shapes(tmp_path, 150, held_out=("red circle", "Blue square"))
+    pairs = {parse_caption(t)[:2] for t in captions}
+    assert ("red", "circle") not in pairs and ("blue", "square") not in pairs
+    assert len(pairs) == len(COLORS) * len(SHAPES) - 2  # every other pair still appears
+    with pytest.raises(ValueError, match="color"):
+        generate_shapes(tmp_path / "x", 5, held_out=("red hexagon",))
+
+
+def test_ensure_shapes(tmp_path):
+    cfg = DataConfig(path=str(tmp_path / "shapes"), resolution=16, shapes=ShapesConfig(generate=True, num=20, seed=1))
+    assert ensure_shapes(cfg) is True
+    index = index_folder(cfg.path, cfg)
+    assert len(index.items) == 20 and Image.open(index.items[0][0]).size == (16, 16)
+    assert ensure_shapes(cfg) is False  # already there
+    assert not [p for p in tmp_path.iterdir() if p.name != "shapes"]  # no temp dir left behind
+    (tmp_path / "empty").mkdir()
+    assert ensure_shapes(DataConfig(path=str(tmp_path / "empty"), shapes=ShapesConfig(generate=True, num=5))) is True
+    assert ensure_shapes(DataConfig(path=str(tmp_path / "off"))) is False and not (tmp_path / "off").exists()
+
+
+def test_evaluate_cli(tmp_path, capsys):
+    from diffusion.data.evaluate import main
+
+    generate_shapes(tmp_path, 10, seed=5)
+    assert main([str(tmp_path)]) == 0
+    assert capsys.readouterr().out.strip() == "n=10  color 100.0%  shape 100.0%  position 100.0%  all 100.0%"
+
+
+def test_cli(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "diffusion.data.shapes", str(tmp_path / "out"), "--num", "10", "--seed", "2"]
+    run = subprocess.run(cmd + ["--held-out", "red circle", "green square"], capture_output=True, text=True, env=env)
+    assert run.returncode == 0, run.stderr
+    assert len(list((tmp_path / "out").glob("*.png"))) == 10 and len(list((tmp_path / "out").glob("*.txt"))) == 10
+    again = subprocess.run(cmd, capture_output=True, text=True, env=env)  # refuses to overwrite
+    assert again.returncode != 0 and "not empty" in again.stderr
