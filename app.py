@@ -1,0 +1,126 @@
+"""A Gradio demo for a saved model.
+
+    python app.py --model DIR [--host 127.0.0.1] [--port 7860] [--share]
+
+The model is loaded once and shared by every request. Generation goes through Pipeline.generate(),
+the same call sample.py makes, so an image downloaded here (a PNG with the `parameters` text chunk)
+regenerates with `python sample.py --from-png IMAGE --model DIR`.
+
+One request runs at a time (queue concurrency 1) and at most QUEUE_SIZE wait, so that several users
+do not overload one device. Values outside these limits are rejected with a visible error:
+steps 1..num_train_timesteps, guidance 0..MAX_GUIDANCE, 1..MAX_IMAGES images, and height and width
+multiples of the VAE factor up to MAX_SIZE_RATIO x the model's resolution. Seed -1 is random.
+An empty prompt is allowed: it generates unconditionally.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import gradio as gr
+
+from diffusion.cli import ArgumentParser, add_device_args, load_model, resolve_seed
+from diffusion.pipeline import Pipeline, PipelineError
+
+MAX_IMAGES = 8
+MAX_GUIDANCE = 30.0
+MAX_SIZE_RATIO = 2
+QUEUE_SIZE = 16
+SAMPLERS = [("DDIM", "ddim"), ("DDPM", "ddpm")]
+
+
+def model_card(pipeline: Pipeline) -> str:
+    info = pipeline.cfg.info
+    lines = [
+        f"**Model:** {info.name}",
+        f"**Resolution:** {info.resolution}×{info.resolution}",
+        f"**Trained on:** {info.trained_on or 'not recorded'}",
+    ]
+    if pipeline.model_hash:
+        lines.append(f"**Hash:** {pipeline.model_hash}")
+    return " · ".join(lines)
+
+
+def build_demo(pipeline: Pipeline) -> gr.Blocks:
+    """The demo's Blocks, with the queue set up; the caller launches it."""
+    cfg = pipeline.cfg
+    f, res, d = pipeline.vae_factor, cfg.info.resolution, cfg.sampling
+    max_side = max(res * MAX_SIZE_RATIO, f)
+
+    def generate(prompt, negative_prompt, sampler, steps, guidance, eta, seed, num_images, height, width, progress=gr.Progress()):
+        try:
+            seed = resolve_seed(int(seed), int(num_images))
+            images = pipeline.generate(
+                [prompt or ""] * int(num_images),
+                negative_prompt=negative_prompt or "",
+                sampler=sampler,
+                steps=int(steps),
+                guidance=float(guidance),
+                eta=float(eta),
+                seed=seed,
+                height=int(height),
+                width=int(width),
+                batch_size=MAX_IMAGES,
+                progress=lambda done, total: progress((done, total), desc="Denoising", unit="steps"),
+            )
+        except (PipelineError, ValueError) as e:
+            raise gr.Error(str(e), title="Check the settings", print_exception=False) from None
+        params = [image.info["parameters"] for image in images]
+        return list(zip(images, params)), seed, "\n\n".join(params)
+
+    with gr.Blocks(title=f"{cfg.info.name} · text to image") as demo:
+        gr.Markdown(f"## Text to image\n{model_card(pipeline)}")
+        with gr.Row():
+            with gr.Column():
+                prompt = gr.Textbox(label="Prompt", lines=2, placeholder="empty generates unconditionally")
+                negative = gr.Textbox(label="Negative prompt", lines=1)
+                button = gr.Button("Generate", variant="primary")
+                if cfg.info.example_prompts:
+                    gr.Examples([[p] for p in cfg.info.example_prompts], inputs=[prompt], label="Example prompts (from the training captions)")
+                sampler = gr.Radio(SAMPLERS, value=d.sampler, label="Sampler")
+                steps = gr.Slider(1, cfg.schedule.num_train_timesteps, value=d.steps, step=1, label="Steps")
+                guidance = gr.Slider(0.0, MAX_GUIDANCE, value=d.guidance, step=0.1, label="Guidance scale")
+                eta = gr.Slider(0.0, 1.0, value=d.eta, step=0.05, label="Eta (DDIM noise; 0 is deterministic)")
+                with gr.Row():
+                    seed = gr.Number(-1, label="Seed (-1 = random)", precision=0, minimum=-1)
+                    num_images = gr.Slider(1, MAX_IMAGES, value=min(4, MAX_IMAGES), step=1, label="Number of images")
+                with gr.Row():
+                    height = gr.Slider(f, max_side, value=res, step=f, label=f"Height (multiple of {f})")
+                    width = gr.Slider(f, max_side, value=res, step=f, label=f"Width (multiple of {f})")
+            with gr.Column():
+                gallery = gr.Gallery(
+                    label="Results", elem_id="results", format="png", columns=4, object_fit="contain",
+                    buttons=["download", "download_all", "fullscreen"],
+                )
+                seed_used = gr.Number(label="Seed used", precision=0, interactive=False)
+                params_text = gr.Textbox(label="Parameters", lines=4, interactive=False, buttons=["copy"])
+
+        gr.on(
+            [button.click, prompt.submit],
+            generate,
+            inputs=[prompt, negative, sampler, steps, guidance, eta, seed, num_images, height, width],
+            outputs=[gallery, seed_used, params_text],
+            api_name="generate",
+            concurrency_limit=1,
+        )
+    return demo.queue(max_size=QUEUE_SIZE)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = ArgumentParser(prog="app.py", description="Serve a saved model as a Gradio demo.")
+    p.add_argument("--model", required=True, help="a model folder (the 'model' folder a training run exports)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind; 0.0.0.0 exposes the demo to your network")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--share", action="store_true", help="also make a public gradio.live link")
+    add_device_args(p)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    pipeline = load_model(args.model, args.device, args.dtype)
+    build_demo(pipeline).launch(server_name=args.host, server_port=args.port, share=args.share)
+
+
+if __name__ == "__main__":
+    main()
