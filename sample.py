@@ -29,8 +29,7 @@ from tqdm import tqdm
 
 from diffusion.cli import ArgumentParser, add_device_args, fail, load_model, resolve_seed, warn
 from diffusion.infotext import JSON_KEY, GenerationParams, attach, read_png_params, save_png
-from diffusion.pipeline import PipelineError
-from diffusion.training import image_grid
+from diffusion.pipeline import PipelineError, image_grid
 
 GENERATION_FLAGS = ("negative_prompt", "sampler", "steps", "guidance", "eta", "seed", "height", "width")
 

@@ -49,12 +49,12 @@ from tqdm.auto import tqdm
 from diffusion.cli import ArgumentParser
 from diffusion.config import Config, ConfigError, load_config, load_yaml, save_config, to_dict
 from diffusion.data import DataError, FolderIndex, ImageCaptionDataset, all_prompts, ensure_shapes, index_folder
-from diffusion.pipeline import Pipeline, PipelineError, to_pil
+from diffusion.pipeline import Pipeline, PipelineError, image_grid, to_pil
 from diffusion.schedule import diffusion_loss
 from diffusion.training import (
-    EMA, Denoiser, LatentSource, MetricsLogger, PatchDiscriminator, ShardedOrder, StopRequest, TrainError,
+    EMA, Denoiser, adamw, LatentSource, MetricsLogger, PatchDiscriminator, ShardedOrder, StopRequest, TrainError,
     adaptive_weight, agree, batch_stream, check_in_sync, check_same, debug_record, epoch_loader, gather_rng, hinge_d_loss,
-    image_grid, latest_checkpoint, list_checkpoints, load_vae, lr_lambda, make_generator, psnr,
+    latest_checkpoint, list_checkpoints, load_vae, lr_lambda, make_generator, psnr,
     restore_training_state, save_training_state, save_vae, vae_loss, write_checkpoint,
 )
 from diffusion.vae import AutoencoderKL
@@ -237,12 +237,12 @@ def train_vae(run: Run) -> bool:
     disc = None
     if vc.disc_start >= 0:
         disc = PatchDiscriminator(n_layers=PatchDiscriminator.layers_for(cfg.data.resolution)).to(acc.device)
-    opt = torch.optim.AdamW(vae.parameters(), lr=vc.lr, betas=VAE_ADAM_BETAS, weight_decay=0.0)
+    opt = adamw(vae.parameters(), lr=vc.lr, betas=VAE_ADAM_BETAS, weight_decay=0.0)
     scheduler = LambdaLR(opt, lr_lambda(vc.warmup_steps, vc.max_steps))
     vae_ddp, opt = acc.prepare(vae, opt)
     optimizers = [opt]
     if disc is not None:  # the discriminator keeps a constant learning rate
-        d_opt = torch.optim.AdamW(disc.parameters(), lr=vc.lr, betas=VAE_ADAM_BETAS, weight_decay=0.0)
+        d_opt = adamw(disc.parameters(), lr=vc.lr, betas=VAE_ADAM_BETAS, weight_decay=0.0)
         disc_ddp, d_opt = acc.prepare(disc, d_opt)
         optimizers.append(d_opt)
 
@@ -407,7 +407,7 @@ def train_ldm(run: Run) -> bool:
     pipe = build_pipeline(run)
     model = Denoiser(pipe.unet, pipe.text_encoder if cfg.text_encoder.trainable else None).train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=tc.lr, betas=tc.adam_betas, weight_decay=tc.weight_decay, eps=tc.adam_eps)
+    optimizer = adamw(params, lr=tc.lr, betas=tc.adam_betas, weight_decay=tc.weight_decay, eps=tc.adam_eps)
     scheduler = LambdaLR(optimizer, lr_lambda(tc.warmup_steps, tc.max_steps, tc.lr_schedule))
     ema = EMA(pipe.unet, tc.ema_decay, tc.ema_warmup)
     model_ddp, optimizer = acc.prepare(model, optimizer)

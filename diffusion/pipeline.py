@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import os
 import shutil
 from pathlib import Path
@@ -48,6 +49,16 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
     """(B, 3, H, W) in [-1, 1] -> PIL RGB images."""
     arr = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     return [Image.fromarray(np.ascontiguousarray(a)) for a in arr]
+
+
+def image_grid(images: list[Image.Image], cols: int = 4) -> Image.Image:
+    """Paste equally sized images into rows of `cols`."""
+    w, h = images[0].size
+    rows = math.ceil(len(images) / cols)
+    grid = Image.new("RGB", (min(cols, len(images)) * w, rows * h))
+    for i, img in enumerate(images):
+        grid.paste(img, ((i % cols) * w, (i // cols) * h))
+    return grid
 
 
 def is_model_dir(path: str | Path) -> bool:
