@@ -13,12 +13,14 @@ script only reads arguments, names files and writes PNGs carrying their paramete
 - Unset sampler, steps, guidance, eta and size take the defaults saved with the model.
 - --from-png needs --model: a PNG records the model's name and hash, not its folder (folders move
   and get renamed). Flags given next to --from-png override the PNG's values. A model whose hash
-  differs from the PNG's is reported, because the pixels will differ.
+  differs from the PNG's is reported, because the pixels will differ. The image is rebuilt in a
+  batch of its recorded size and position (Pipeline.regenerate), so the pixels are the same ones.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import re
 import sys
@@ -146,9 +148,12 @@ def main(argv: list[str] | None = None) -> list[Path]:
         bars[0].update(done - bars[0].n)
 
     try:
-        images = pipe.generate(
-            [p for p in prompts for _ in range(args.num_images)], batch_size=args.batch_size, progress=progress, **kwargs
-        )
+        if stored is not None and args.num_images == 1:  # one image, rebuilt in its recorded batch for the same pixels
+            images = [pipe.regenerate(dataclasses.replace(stored, **kwargs), progress=progress)]
+        else:
+            images = pipe.generate(
+                [p for p in prompts for _ in range(args.num_images)], batch_size=args.batch_size, progress=progress, **kwargs
+            )
     except PipelineError as e:
         fail(str(e))
     finally:

@@ -6,7 +6,8 @@
     python benchmarks/bench_unet.py --quick          # tiny sizes, for the test suite
 
 Workloads, each run A B A B ... after warm-up and timed as the median of --repeats (default 5):
-    (a) train     forward + backward + AdamW step, batch 16, latents 4x16x16, context 77x256, fp32
+    (a) train     forward + backward + AdamW step, batch 16, latents 4x16x16, context 77x256, fp32;
+                  each side's AdamW as its training script builds it (see OPTIMIZERS)
     (b) sample    one no-grad forward, batch 8, in fp32 and again under bf16 autocast
     (c) generate  4 images, 50 DDIM steps, classifier-free guidance, text encoding and VAE decode:
                   our Pipeline.generate() against the standard diffusers loop built from
@@ -53,6 +54,7 @@ from diffusers.utils.torch_utils import randn_tensor  # noqa: E402
 
 from diffusion.config import PipelineConfig, UNetConfig, VAEConfig, apply_overrides, from_dict, load_yaml  # noqa: E402
 from diffusion.pipeline import Pipeline  # noqa: E402
+from diffusion.training import adamw  # noqa: E402
 from diffusion.unet import UNet  # noqa: E402
 
 CONFIG = Path(__file__).with_name("unet_bench.yaml")
@@ -217,11 +219,17 @@ def unet_inputs(batch: int, cfg: PipelineConfig, device, memory_format=torch.con
     return x, t, context, noise
 
 
-def make_train_step(unet, call, batch, cfg, device, memory_format=torch.contiguous_format) -> Callable:
+# Each side's AdamW as its training script builds it: ours is train.py's (diffusion.training.adamw,
+# PyTorch's fused kernel), diffusers' is train_text_to_image.py's (torch.optim.AdamW's defaults).
+# The same update rule and hyperparameters; only the implementation differs.
+OPTIMIZERS = {"ours": adamw, "diffusers": torch.optim.AdamW}
+
+
+def make_train_step(side, unet, call, batch, cfg, device, memory_format=torch.contiguous_format) -> Callable:
     """(a): one ε-prediction training step in fp32, AdamW with SD's defaults (lr 1e-4, wd 1e-2)."""
     unet.train()
     x, t, context, noise = unet_inputs(batch, cfg, device, memory_format)
-    opt = torch.optim.AdamW(unet.parameters(), lr=1e-4, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+    opt = OPTIMIZERS[side](unet.parameters(), lr=1e-4, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
 
     def step():
         opt.zero_grad(set_to_none=True)
@@ -347,7 +355,7 @@ def rss_child_main(side: str, quick: bool) -> None:
     baseline_kb = _status_kb("VmRSS")
     torch.manual_seed(0)
     unet = no_zero_weights(UNet(cfg.unet)) if side == "ours" else build_diffusers_unet(cfg)
-    step = make_train_step(unet, call_for(side, unet), sizes.train_batch, cfg, torch.device("cpu"))
+    step = make_train_step(side, unet, call_for(side, unet), sizes.train_batch, cfg, torch.device("cpu"))
     for _ in range(3):
         step()
     print(json.dumps({"peak_kb": _status_kb("VmHWM"), "baseline_kb": baseline_kb}))
@@ -456,7 +464,7 @@ def main(argv=None) -> None:
                   "diffusers": sum(p.numel() for p in theirs.vae.parameters())}
 
     def workloads():
-        train = {k: make_train_step(u, call_for(k, u), sizes.train_batch, cfg, device, fmt) for k, u in train_unets.items()}
+        train = {k: make_train_step(k, u, call_for(k, u), sizes.train_batch, cfg, device, fmt) for k, u in train_unets.items()}
         fp32 = {k: make_sample_step(call_for(k, u), sizes.sample_batch, cfg, device, None, fmt) for k, u in sample_unets.items()}
         bf16 = {k: make_sample_step(call_for(k, u), sizes.sample_batch, cfg, device, torch.bfloat16, fmt)
                 for k, u in sample_unets.items()}
@@ -517,6 +525,7 @@ def main(argv=None) -> None:
         "generate": (f"generate ({sizes.images} img)", generate_runs, "generate",
                      "bf16" if gen_dtype == torch.bfloat16 else "fp32", generate_warmup),
     }
+    print("(a)'s AdamW: ours fused (as train.py builds it), diffusers torch's default (as train_text_to_image.py)")
     print(f"\n{'workload':24s} {'ours ms':>10s} {'diffusers ms':>13s} {'ratio':>7s}   GFLOP/s (% of matmul peak)")
     ratios = {}
     for key, (label, fns, flop_key, precision, warmup) in table.items():

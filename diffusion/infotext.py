@@ -6,6 +6,10 @@ The PNG tEXt chunk `parameters` holds:
     Negative prompt: <negative prompt>        (left out when empty)
     Steps: 50, Sampler: DDIM, CFG scale: 7.5, Seed: 1234, Size: 512x512, Model hash: ..., Model: ...
 
+`Batch size` and `Batch pos` (as A1111 writes them, only for batches of more than one image) say
+where the image sat in its batch: CPU convolutions are not bitwise batch-size invariant, so exact
+regeneration rebuilds the same batch (see Pipeline.regenerate).
+
 A value containing a comma, colon or newline is written as a JSON string. The same parameters are
 also stored as JSON under the key `generation`, which is what we read back first.
 """
@@ -37,6 +41,8 @@ class GenerationParams:
     eta: float = 0.0
     model_name: str = ""
     model_hash: str = ""
+    batch_size: int = 1
+    batch_pos: int = 0
 
     def to_infotext(self) -> str:
         pairs = {
@@ -48,6 +54,8 @@ class GenerationParams:
             "Model hash": self.model_hash,
             "Model": self.model_name,
             "Eta": self.eta,
+            "Batch size": self.batch_size if self.batch_size > 1 else "",
+            "Batch pos": self.batch_pos if self.batch_size > 1 else "",
         }
         last = ", ".join(f"{k}: {_quote(v)}" for k, v in pairs.items() if v != "")
         lines = [self.prompt]
@@ -90,6 +98,8 @@ class GenerationParams:
             eta=float(pairs.get("Eta", 0.0)),
             model_name=pairs.get("Model", ""),
             model_hash=pairs.get("Model hash", ""),
+            batch_size=int(pairs.get("Batch size", 1)),
+            batch_pos=int(pairs.get("Batch pos", 0)),
         )
 
 

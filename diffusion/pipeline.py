@@ -223,9 +223,27 @@ class Pipeline:
             params = GenerationParams(
                 prompt=prompt, negative_prompt=negative_prompt, steps=steps, sampler=sampler, guidance=guidance,
                 seed=seed + i, height=height, width=width, eta=eta, model_name=self.cfg.info.name, model_hash=self.model_hash,
+                batch_size=min(batch_size, len(prompts) - i // batch_size * batch_size), batch_pos=i % batch_size,
             )
             attach(image, params)
         return images
+
+    def regenerate(self, params: GenerationParams, progress: Callable[[int, int], None] | None = None) -> Image.Image:
+        """The image `params` describes, pixel for pixel.
+
+        An image's seed fixes its noise whatever the batch, but CPU convolutions pick kernels by
+        batch size, which can move a pixel by one level. So the image's batch is rebuilt at its
+        recorded size, with this image at its recorded position and its prompt in every slot (the
+        other slots' content does not reach this image's arithmetic).
+        """
+        first = params.seed - params.batch_pos
+        n, pos = (params.batch_size, params.batch_pos) if first >= 0 and params.batch_pos < params.batch_size else (1, 0)
+        images = self.generate(
+            [params.prompt] * n, negative_prompt=params.negative_prompt, steps=params.steps, guidance=params.guidance,
+            sampler=params.sampler, eta=params.eta, seed=params.seed - pos, height=params.height, width=params.width,
+            batch_size=n, progress=progress,
+        )
+        return images[pos]
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Scaled latents -> images in [-1, 1] (B, 3, H, W)."""

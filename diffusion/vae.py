@@ -3,16 +3,19 @@
 Images in [-1, 1] of shape (B, 3, H, W) map to a diagonal Gaussian over latents of shape
 (B, latent_channels, H/f, W/f), with f = 2 ** (len(channel_mult) - 1). The latent scale factor lives
 in the config; the pipeline multiplies by it before the U-Net and divides by it before decoding.
+
+As in the U-Net (see unet.py), conv weights and activations live in channels_last memory, which
+oneDNN's convolutions and nearest-neighbour upsampling run faster on; inputs and outputs keep
+the usual contiguous (B, C, H, W) layout.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
-import torch.nn.functional as F
 
 from .config import VAEConfig
-from .nn import Downsample, ResBlock, SelfAttention2d, Upsample
+from .nn import Downsample, ResBlock, SelfAttention2d, Upsample, norm_silu
 
 
 class DiagonalGaussian:
@@ -59,7 +62,7 @@ class Encoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.mid(self.blocks(self.conv_in(x)))
-        return self.conv_out(F.silu(self.norm_out(h)))  # (B, 2*latent_channels, H/f, W/f)
+        return self.conv_out(norm_silu(self.norm_out, h))  # (B, 2*latent_channels, H/f, W/f)
 
 
 class Decoder(nn.Module):
@@ -86,7 +89,7 @@ class Decoder(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = self.blocks(self.mid(self.conv_in(z)))
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(norm_silu(self.norm_out, h))
 
 
 class AutoencoderKL(nn.Module):
@@ -100,6 +103,7 @@ class AutoencoderKL(nn.Module):
         self.decoder = Decoder(cfg)
         self.quant_conv = nn.Conv2d(2 * cfg.latent_channels, 2 * cfg.latent_channels, 1)
         self.post_quant_conv = nn.Conv2d(cfg.latent_channels, cfg.latent_channels, 1)
+        self.to(memory_format=torch.channels_last)
 
     @property
     def factor(self) -> int:
@@ -109,11 +113,11 @@ class AutoencoderKL(nn.Module):
         """x: (B, 3, H, W) in [-1, 1], with H and W divisible by the factor f."""
         if x.shape[-1] % self.factor or x.shape[-2] % self.factor:
             raise ValueError(f"image size {tuple(x.shape[-2:])} must be divisible by the VAE factor {self.factor}")
-        return DiagonalGaussian(self.quant_conv(self.encoder(x)))
+        return DiagonalGaussian(self.quant_conv(self.encoder(x)).contiguous())
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """z: unscaled latents (B, latent_channels, h, w) -> images (B, 3, h*f, w*f), roughly in [-1, 1]."""
-        return self.decoder(self.post_quant_conv(z))
+        return self.decoder(self.post_quant_conv(z)).contiguous()
 
     def forward(self, x: torch.Tensor, sample: bool = True, generator: torch.Generator | None = None):
         posterior = self.encode(x)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from diffusion.config import ScheduleConfig, TextEncoderConfig, UNetConfig
+from diffusion.infotext import JSON_KEY, GenerationParams
 from diffusion.pipeline import Pipeline, PipelineError, load_pipeline
 from diffusion.schedule import NoiseSchedule, diffusion_loss
 from diffusion.text import TextEncoder
@@ -43,6 +44,15 @@ def test_seed_does_not_depend_on_batch_size(tiny_pipeline, sampler, eta):
     # Image i depends only on seed + i: the third image alone, with seed 13, is the same picture.
     alone = pixels(tiny_pipeline.generate(prompts[2:], steps=3, sampler=sampler, eta=eta, seed=13))
     np.testing.assert_allclose(alone[0].astype(int), together[2].astype(int), atol=1)
+
+
+def test_regenerate_gives_the_same_pixels(tiny_pipeline):
+    prompts = ["a red circle in the center", "a white square in the top right", "a blue triangle in the bottom left"]
+    images = tiny_pipeline.generate(prompts * 2, steps=3, seed=20, negative_prompt="green", batch_size=4)
+    for image in images:  # batches of 4 and 2: every position, and a partial last batch
+        params = GenerationParams.from_json(image.info[JSON_KEY])
+        again = tiny_pipeline.regenerate(params)
+        assert np.array_equal(np.asarray(again), np.asarray(image)) and again.info == image.info
 
 
 def test_negative_prompt_and_guidance_change_the_image(tiny_pipeline):

@@ -58,6 +58,9 @@ def test_files_metadata_and_grid(tiny_model_dir, tmp_path, capsys):
         assert (params.prompt, params.negative_prompt, params.sampler, params.seed) == (
             "a red circle in the top left", "blurry", "ddpm", 42 + i)
         assert GenerationParams.from_infotext(text) == params  # both copies agree
+        # Batches of 2 then 1: where each image sat, as A1111 writes it (left out for a lone image).
+        assert (params.batch_size, params.batch_pos) == [(2, 0), (2, 1), (1, 0)][i]
+        assert ("Batch size: 2, Batch pos: " in text) == (i < 2)
     with Image.open(paths[3]) as grid:
         assert grid.size == (2 * 12, 2 * 8)
     assert np.array_equal(pixels(paths[3])[8:16, :12], pixels(paths[2]))  # third image: second row, first column
