@@ -238,7 +238,7 @@ def train_vae(run: Run) -> bool:
     if vc.disc_start >= 0:
         disc = PatchDiscriminator(n_layers=PatchDiscriminator.layers_for(cfg.data.resolution)).to(acc.device)
     opt = adamw(vae.parameters(), lr=vc.lr, betas=VAE_ADAM_BETAS, weight_decay=0.0)
-    scheduler = LambdaLR(opt, lr_lambda(vc.warmup_steps, vc.max_steps))
+    scheduler = LambdaLR(opt, lr_lambda(vc.warmup_steps, vc.max_steps, vc.lr_schedule))
     vae_ddp, opt = acc.prepare(vae, opt)
     optimizers = [opt]
     if disc is not None:  # the discriminator keeps a constant learning rate

@@ -132,6 +132,7 @@ class VAETrainingConfig:
     batch_size: int = 16
     lr: float = 1e-4
     warmup_steps: int = 0
+    lr_schedule: Literal["constant", "cosine"] = "constant"
     rec_loss: Literal["l1", "l2"] = "l1"
     kl_weight: float = 1e-6
     disc_start: int = -1  # step at which the PatchGAN term starts; -1 = never
