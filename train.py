@@ -52,8 +52,8 @@ from diffusion.data import DataError, FolderIndex, ImageCaptionDataset, all_prom
 from diffusion.pipeline import Pipeline, PipelineError, image_grid, to_pil
 from diffusion.schedule import diffusion_loss
 from diffusion.training import (
-    EMA, Denoiser, adamw, LatentSource, MetricsLogger, PatchDiscriminator, ShardedOrder, StopRequest, TrainError,
-    adaptive_weight, agree, batch_stream, check_in_sync, check_same, debug_record, epoch_loader, gather_rng, hinge_d_loss,
+    EMA, Denoiser, LatentSource, MetricsLogger, PatchDiscriminator, ShardedOrder, StopRequest, TrainError,
+    adamw, adaptive_weight, agree, batch_stream, check_in_sync, check_same, debug_record, epoch_loader, gather_rng, hinge_d_loss,
     latest_checkpoint, list_checkpoints, load_vae, lr_lambda, make_generator, psnr,
     restore_training_state, save_training_state, save_vae, vae_loss, write_checkpoint,
 )

@@ -84,23 +84,37 @@ class GenerationParams:
         negative_at = next((i for i, ln in enumerate(body) if ln.startswith("Negative prompt:")), len(body))
         prompt = "\n".join(body[:negative_at])
         negative = "\n".join(body[negative_at:])[len("Negative prompt:"):].strip() if negative_at < len(body) else ""
-        width, height = (int(v) for v in pairs.get("Size", "32x32").split("x"))
+        size = pairs.get("Size", "32x32")
+        try:
+            width, height = (int(v) for v in size.split("x"))
+        except ValueError:  # not a number, or not two of them
+            raise ValueError(f"'Size: {size}' in the PNG's parameters is not WIDTHxHEIGHT") from None
         sampler = {v: k for k, v in SAMPLER_NAMES.items()}.get(pairs.get("Sampler", "DDIM"), pairs.get("Sampler", "ddim").lower())
         return cls(
             prompt=prompt,
             negative_prompt=negative,
-            steps=int(pairs.get("Steps", 50)),
+            steps=_field(pairs, "Steps", int, 50),
             sampler=sampler,
-            guidance=float(pairs.get("CFG scale", 7.5)),
-            seed=int(pairs.get("Seed", 0)),
+            guidance=_field(pairs, "CFG scale", float, 7.5),
+            seed=_field(pairs, "Seed", int, 0),
             height=height,
             width=width,
-            eta=float(pairs.get("Eta", 0.0)),
+            eta=_field(pairs, "Eta", float, 0.0),
             model_name=pairs.get("Model", ""),
             model_hash=pairs.get("Model hash", ""),
-            batch_size=int(pairs.get("Batch size", 1)),
-            batch_pos=int(pairs.get("Batch pos", 0)),
+            batch_size=_field(pairs, "Batch size", int, 1),
+            batch_pos=_field(pairs, "Batch pos", int, 0),
         )
+
+
+def _field(pairs: dict[str, str], key: str, kind: type, default):
+    """kind(pairs[key]) or the default, with a message that names the field when it is not a number."""
+    if key not in pairs:
+        return default
+    try:
+        return kind(pairs[key])
+    except ValueError:
+        raise ValueError(f"'{key}: {pairs[key]}' in the PNG's parameters is not {'an integer' if kind is int else 'a number'}") from None
 
 
 def _quote(value) -> str:

@@ -237,7 +237,7 @@ class Pipeline:
         other slots' content does not reach this image's arithmetic).
         """
         first = params.seed - params.batch_pos
-        n, pos = (params.batch_size, params.batch_pos) if first >= 0 and params.batch_pos < params.batch_size else (1, 0)
+        n, pos = (params.batch_size, params.batch_pos) if first >= 0 and 0 <= params.batch_pos < params.batch_size else (1, 0)
         images = self.generate(
             [params.prompt] * n, negative_prompt=params.negative_prompt, steps=params.steps, guidance=params.guidance,
             sampler=params.sampler, eta=params.eta, seed=params.seed - pos, height=params.height, width=params.width,

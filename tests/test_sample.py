@@ -168,6 +168,10 @@ def bad_inputs(tiny_model_dir, tmp_path):
     (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
     (tmp_path / "not_a_model").mkdir()
     Image.new("RGB", (8, 8)).save(tmp_path / "plain.png")
+    for name, field in [("bad_batch", "Batch size: two"), ("bad_size", "Size: 16")]:
+        meta = PngImagePlugin.PngInfo()
+        meta.add_text("parameters", f"x\nSteps: 2, Sampler: DDIM, CFG scale: 3, Seed: 1, {field}")
+        Image.new("RGB", (8, 8)).save(tmp_path / f"{name}.png", pnginfo=meta)
     m = ["--model", tiny_model_dir, "--out", tmp_path / "out"]
     return {
         "missing folder": (["--model", tmp_path / "nope", "--prompt", "x"], "model folder not found"),
@@ -185,6 +189,8 @@ def bad_inputs(tiny_model_dir, tmp_path):
         "prompts file not UTF-8": ([*m, "--prompts-file", tmp_path / "latin1.txt"], "cannot read --prompts-file"),
         "prompts file empty": ([*m, "--prompts-file", tmp_path / "empty.txt"], "holds no prompts"),
         "png without parameters": ([*m, "--from-png", tmp_path / "plain.png"], "carries no generation parameters"),
+        "png with a bad number": ([*m, "--from-png", tmp_path / "bad_batch.png"], "'Batch size: two' in the PNG's parameters is not an integer"),
+        "png with a bad size": ([*m, "--from-png", tmp_path / "bad_size.png"], "'Size: 16' in the PNG's parameters is not WIDTHxHEIGHT"),
         "png missing": ([*m, "--from-png", tmp_path / "nope.png"], "cannot read --from-png"),
         "png not an image": ([*m, "--from-png", tmp_path / "empty.txt"], "cannot read --from-png"),
         "no model": (["--prompt", "x"], "--model DIR is required"),
@@ -193,7 +199,8 @@ def bad_inputs(tiny_model_dir, tmp_path):
 
 BAD = ["missing folder", "not a model", "steps < 1", "guidance < 0", "eta > 1", "eta < 0", "num-images < 1",
        "batch-size < 1", "size not divisible", "seed < -1", "prompts file missing", "prompts file is a folder",
-       "prompts file not UTF-8", "prompts file empty", "png without parameters", "png missing", "png not an image", "no model"]
+       "prompts file not UTF-8", "prompts file empty", "png without parameters", "png with a bad number",
+       "png with a bad size", "png missing", "png not an image", "no model"]
 
 
 @pytest.mark.parametrize("case", BAD)
