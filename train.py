@@ -49,6 +49,8 @@ from tqdm.auto import tqdm
 from diffusion.cli import ArgumentParser
 from diffusion.config import Config, ConfigError, load_config, load_yaml, save_config, to_dict
 from diffusion.data import DataError, FolderIndex, ImageCaptionDataset, all_prompts, ensure_shapes, index_folder
+from diffusion.data.evaluate import ATTRIBUTES
+from diffusion.eval import TRAINING_PROMPTS, evaluate_shapes
 from diffusion.pipeline import Pipeline, PipelineError, image_grid, to_pil
 from diffusion.schedule import diffusion_loss
 from diffusion.training import (
@@ -62,6 +64,7 @@ from diffusion.weights import WeightsError, load_state_dict_checked, save_weight
 
 VAE_ADAM_BETAS = (0.5, 0.9)  # LDM's autoencoder setting (GAN training likes a short memory)
 PREVIEW_STEPS = 20  # sampler steps for preview grids: cheap, and enough to see progress
+EVAL_STEPS = 10  # DDIM steps for the in-training prompt fidelity: cheap, and it ranks runs as DDIM 50 does
 SHAPES_PREVIEW = all_prompts()[::23]  # 4 prompts with distinct colors, shapes and positions
 
 
@@ -401,6 +404,21 @@ def save_preview(run: Run, pipe: Pipeline, ema: EMA, step: int) -> None:
     image_grid(images, cols=min(4, len(images))).save(run.out / "samples" / f"step-{step:06d}.png")
 
 
+def prompt_fidelity(run: Run, pipe: Pipeline, ema: EMA, step: int) -> dict[str, float]:
+    """Score the EMA model on TRAINING_PROMPTS with DDIM; log it and return {"color": acc, ...}."""
+    with torch.random.fork_rng(devices=[]), ema.swapped_in(pipe.unet):
+        pipe.unet.eval()
+        pipe.text_encoder.eval()
+        result = evaluate_shapes(pipe, sampler="ddim", steps=EVAL_STEPS, prompts=TRAINING_PROMPTS)
+        pipe.unet.train()
+        pipe.text_encoder.train()
+    fields = {f"eval_{a}": result[a] for a in (*ATTRIBUTES, "all", "shape_fill")}
+    if "held_out" in result:
+        fields["eval_held_out_all"] = result["held_out"]["all"]
+    run.logger.log("ldm", step, **fields)
+    return {a: result[a] for a in (*ATTRIBUTES, "all")}
+
+
 def train_ldm(run: Run) -> bool:
     """Stage 2. Returns False when a signal stopped it (after saving a checkpoint)."""
     cfg, acc, tc = run.cfg, run.accelerator, run.cfg.training
@@ -435,6 +453,7 @@ def train_ldm(run: Run) -> bool:
     stream = batch_stream(order, position, source.load)
     images_per_step = tc.batch_size * tc.grad_accum * acc.num_processes
     tick, ticked = time.perf_counter(), step
+    fidelity: dict[str, str] = {}
     bar = tqdm(total=tc.max_steps, initial=step, desc="ldm", disable=not run.main, dynamic_ncols=True)
     with bar, run.stop.installed():
         while step < tc.max_steps:
@@ -468,7 +487,11 @@ def train_ldm(run: Run) -> bool:
             lr = scheduler.get_last_lr()[0]
             images_s = (step - ticked) * images_per_step / (time.perf_counter() - tick)
             bar.update(1)
-            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", img_s=f"{images_s:.1f}")
+            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", img_s=f"{images_s:.1f}", **fidelity)
+            if run.main and tc.eval_every and (step % tc.eval_every == 0 or step == tc.max_steps):
+                started = time.perf_counter()
+                fidelity = {a[:3]: f"{100 * v:.0f}%" for a, v in prompt_fidelity(run, pipe, ema, step).items()}
+                tick += time.perf_counter() - started  # images/s counts training time only
             if step % tc.log_every == 0 or step == tc.max_steps:
                 run.logger.log("ldm", step, loss=loss_value, lr=lr, images_per_s=images_s, ema_decay=ema.decay_at(step - 1))
                 tick, ticked = time.perf_counter(), step

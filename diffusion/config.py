@@ -86,6 +86,8 @@ class ScheduleConfig:
     beta_start: float = 0.00085
     beta_end: float = 0.012
     zero_terminal_snr: bool = False
+    # What the network predicts: the noise ε, or the velocity v = √ᾱ·ε − √(1−ᾱ)·x0 (Salimans & Ho 2022).
+    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
 
 
 @dataclass
@@ -168,6 +170,8 @@ class TrainingConfig:
     on_nonfinite: Literal["stop", "skip"] = "stop"
     cache_latents: bool = True
     log_every: int = 10
+    # Every eval_every steps, score a fixed third of the shapes prompts with a cheap sampler (0: never).
+    eval_every: int = 0
     tensorboard: bool = False
 
 
@@ -234,6 +238,10 @@ def validate(cfg: Config) -> None:
         )
     if cfg.data.resolution % cfg.vae.factor:
         raise ConfigError(f"data.resolution ({cfg.data.resolution}) must be divisible by the VAE factor {cfg.vae.factor}")
+    if cfg.training.eval_every < 0:
+        raise ConfigError(f"training.eval_every must be >= 0 (0 turns it off), got {cfg.training.eval_every}")
+    if cfg.training.eval_every and not cfg.data.shapes.generate:
+        raise ConfigError("training.eval_every scores the built-in shapes prompts; it needs data.shapes.generate: true")
     bad_levels = [lvl for lvl in cfg.unet.attention_levels if not 0 <= lvl < len(cfg.unet.channel_mult)]
     if bad_levels:
         raise ConfigError(f"unet.attention_levels {bad_levels} out of range for {len(cfg.unet.channel_mult)} levels")

@@ -25,7 +25,7 @@ from PIL import Image
 
 from .config import ConfigError, PipelineConfig, from_dict, load_yaml, save_config
 from .infotext import GenerationParams, attach
-from .samplers import classifier_free_guidance, ddim, ddpm
+from .samplers import classifier_free_guidance, ddim, ddpm, epsilon_from_v
 from .schedule import NoiseSchedule, inference_timesteps
 from .text import TextEncoder
 from .unet import UNet
@@ -207,6 +207,8 @@ class Pipeline:
             context = self.text_encoder.encode(chunk).to(self.dtype)  # (B, L, D)
             uncond_b = uncond.expand(len(chunk), -1, -1) if uncond is not None else None
             model = classifier_free_guidance(self.unet, context, uncond_b, guidance)
+            if self.cfg.schedule.prediction_type == "v_prediction":
+                model = epsilon_from_v(model, abar)
 
             def callback(i, t, x_t, _base=done, _n=len(chunk)):
                 if progress is not None:  # counts image-steps, so it reaches `total` whatever the batch size

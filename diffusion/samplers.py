@@ -193,6 +193,20 @@ def conditional(net: Callable[[Tensor, Tensor, Tensor], Tensor], context: Tensor
     return model
 
 
+def epsilon_from_v(model: Model, alphas_cumprod: Tensor) -> Model:
+    """A v-prediction model as an ε-prediction one: ε = √ᾱ_t·v + √(1−ᾱ_t)·x_t (Salimans & Ho 2022, sec. 4).
+
+    The map is affine in the model's output, so guidance applied before or after it gives the same ε.
+    """
+
+    def model_eps(x_t: Tensor, t: Tensor) -> Tensor:
+        abar = alphas_cumprod.to(x_t.device)[t].view(-1, *([1] * (x_t.ndim - 1)))  # (B, 1, 1, 1)
+        v = model(x_t, t)
+        return (abar.sqrt() * v.float() + (1 - abar).sqrt() * x_t.float()).to(v.dtype)
+
+    return model_eps
+
+
 def classifier_free_guidance(
     net: Callable[[Tensor, Tensor, Tensor], Tensor], context: Tensor, uncond_context: Optional[Tensor], scale: float
 ) -> Model:

@@ -1,8 +1,8 @@
-"""Noise schedules, the forward process and the ε-prediction training objective.
+"""Noise schedules, the forward process and the training objective (ε- or v-prediction).
 
-Everything here follows DDPM (Ho et al. 2020) and is checked against diffusers' schedulers in
-tests/test_schedule.py, so a model trained here samples correctly with diffusers and vice versa.
-The network knows nothing about diffusion: `diffusion_loss` receives it as an argument.
+Everything here follows DDPM (Ho et al. 2020); the tables and the objective are checked against
+diffusers' schedulers in tests/test_schedule.py. The network knows nothing about diffusion:
+`diffusion_loss` receives it as an argument.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from torch import Tensor
 
 from diffusion.config import ScheduleConfig
 
-# net(x_t, t, context) -> eps, with t a LongTensor (B,).
+# net(x_t, t, context) -> ε or v (schedule.config.prediction_type), with t a LongTensor (B,).
 Net = Callable[[Tensor, Tensor, Tensor], Tensor]
 
 COSINE_S = 0.008  # Nichol & Dhariwal 2021, eq. 17: keeps β small near t = 0
@@ -81,7 +81,7 @@ class NoiseSchedule:
         self.num_train_timesteps = cfg.num_train_timesteps
         self.betas = make_betas(cfg)  # (T,)
         self.alphas = 1 - self.betas  # (T,)
-        # float32 cumprod, as diffusers, so pretrained weights see the exact ᾱ they were trained with.
+        # float32 cumprod, as diffusers does, so the ᾱ table matches theirs to the bit.
         self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)  # (T,)
 
     def to(self, device: torch.device | str) -> NoiseSchedule:
@@ -104,18 +104,27 @@ class NoiseSchedule:
         alpha_bar = _per_sample(self.alphas_cumprod, t, x0)  # (B, 1, 1, 1)
         return alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * eps
 
+    def velocity(self, x0: Tensor, t: Tensor, eps: Tensor) -> Tensor:
+        """v = √ᾱ_t·ε − √(1−ᾱ_t)·x0 (Salimans & Ho 2022, sec. 4), with one t per sample: t is (B,)."""
+        alpha_bar = _per_sample(self.alphas_cumprod, t, x0)  # (B, 1, 1, 1)
+        return alpha_bar.sqrt() * eps - (1 - alpha_bar).sqrt() * x0
+
 
 # ----------------------------------------------------------------------------- objective
 
 
 def loss_weights(schedule: NoiseSchedule, t: Tensor, min_snr_gamma: Optional[float]) -> Tensor:
-    """Per-sample weights min(SNR_t, γ)/SNR_t for ε-prediction (Hang et al. 2023, Min-SNR-γ); ones when γ is None.
+    """Per-sample Min-SNR-γ weights (Hang et al. 2023): min(SNR_t, γ)/SNR_t for ε-prediction and
+    min(SNR_t, γ)/(SNR_t + 1) for v-prediction, so that both weigh the x0 error by min(SNR_t, γ).
+    Ones when γ is None.
 
-    Written as min(1, γ/SNR) so that SNR = 0 (zero terminal SNR) gives the limit 1, not 0/0.
+    The ε form is written as min(1, γ/SNR) so that SNR = 0 (zero terminal SNR) gives the limit 1, not 0/0.
     """
     snr = schedule.snr(t)
     if min_snr_gamma is None:
         return torch.ones_like(snr)
+    if schedule.config.prediction_type == "v_prediction":
+        return snr.clamp(max=min_snr_gamma) / (snr + 1)
     return (min_snr_gamma / snr).clamp(max=1.0)
 
 
@@ -129,16 +138,17 @@ def diffusion_loss(
     offset_noise: float = 0.0,
     generator: Optional[torch.Generator] = None,
 ) -> Tensor:
-    """The simplified DDPM objective E‖ε − ε_θ(x_t, t, c)‖² (Ho et al. 2020, eq. 14) as a scalar.
+    """The simplified DDPM objective E‖ε − ε_θ(x_t, t, c)‖² (Ho et al. 2020, eq. 14) as a scalar, or
+    E‖v − v_θ(x_t, t, c)‖² when schedule.config.prediction_type is v_prediction (Salimans & Ho 2022).
 
     Args:
-        net: the noise predictor, called once as net(x_t, t, context) with t a LongTensor (B,).
+        net: the noise (or velocity) predictor, called once as net(x_t, t, context) with t a LongTensor (B,).
         schedule: the noise schedule; its tables may live on another device than x0.
         x0: clean (latent) samples (B, C, H, W).
         context: the conditioning passed through to the net unchanged.
         min_snr_gamma: γ of Min-SNR weighting (Hang et al. 2023); None for uniform weights.
         offset_noise: k in ε + k·n with n ~ N(0, 1) of shape (B, C, 1, 1), which lets the model
-            shift a whole channel's mean (very dark or bright images). The net predicts the sum.
+            shift a whole channel's mean (very dark or bright images). ε is the sum.
         generator: draws t, ε and n; it must live on x0's device. Same seed, same loss.
 
     Returns:
@@ -152,9 +162,10 @@ def diffusion_loss(
         n = torch.randn((B, C) + (1,) * (x0.ndim - 2), generator=generator, device=x0.device, dtype=x0.dtype)
         eps = eps + offset_noise * n
     x_t = schedule.q_sample(x0, t, eps)
-    eps_pred = net(x_t, t, context)
+    target = schedule.velocity(x0, t, eps) if schedule.config.prediction_type == "v_prediction" else eps
+    prediction = net(x_t, t, context)
     # Reduce in float32: under bf16 autocast the prediction is bf16, and a bf16 sum loses the loss.
-    per_sample = (eps_pred.float() - eps.float()).pow(2).flatten(1).mean(dim=1)  # (B,)
+    per_sample = (prediction.float() - target.float()).pow(2).flatten(1).mean(dim=1)  # (B,)
     if min_snr_gamma is not None:
         per_sample = per_sample * loss_weights(schedule, t, min_snr_gamma).to(per_sample.device)
     return per_sample.mean()

@@ -218,3 +218,49 @@ def test_diffusion_loss_returns_non_finite_values_for_the_caller_to_handle():
     nan_net = lambda x_t, t, context: torch.full_like(x_t, float("nan"))  # noqa: E731
     loss = diffusion_loss(nan_net, schedule, torch.zeros(2, 4, 4, 4), None)
     assert loss.ndim == 0 and not torch.isfinite(loss)
+
+
+# ----------------------------------------------------------------------------- v-prediction
+
+
+def test_velocity_matches_closed_form_and_diffusers():
+    schedule = NoiseSchedule(schedule_config("scaled_linear"))
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
+    t = torch.tensor([0, 500, 999])
+    v = schedule.velocity(x0, t, eps)
+    abar = schedule.alphas_cumprod[t].view(3, 1, 1, 1)
+    torch.testing.assert_close(v, abar.sqrt() * eps - (1 - abar).sqrt() * x0)
+    torch.testing.assert_close(v, diffusers_ddpm("scaled_linear").get_velocity(x0, eps, t))
+    # x0 and ε come back from (x_t, v): the rotation is orthogonal.
+    x_t = schedule.q_sample(x0, t, eps)
+    torch.testing.assert_close(abar.sqrt() * x_t - (1 - abar).sqrt() * v, x0, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("min_snr_gamma", [None, 5.0])
+def test_v_prediction_loss_targets_the_velocity(min_snr_gamma):
+    cfg = ScheduleConfig(T, "scaled_linear", 0.00085, 0.012, prediction_type="v_prediction")
+    schedule = NoiseSchedule(cfg)
+    x0 = torch.randn(6, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    net = RecordingNet()
+    loss = diffusion_loss(net, schedule, x0, None, min_snr_gamma=min_snr_gamma, generator=torch.Generator().manual_seed(7))
+    g = torch.Generator().manual_seed(7)
+    t = torch.randint(0, T, (6,), generator=g)
+    eps = torch.randn(x0.shape, generator=g)
+    abar = schedule.alphas_cumprod[t].view(6, 1, 1, 1)
+    v = abar.sqrt() * eps - (1 - abar).sqrt() * x0
+    mse = ((0.5 * net.x_t - v) ** 2).mean(dim=(1, 2, 3))
+    snr = schedule.snr(t)
+    weights = torch.ones(6) if min_snr_gamma is None else torch.minimum(snr, torch.tensor(min_snr_gamma)) / (snr + 1)
+    torch.testing.assert_close(loss, (mse * weights).mean())
+    assert not torch.isclose(loss, expected_loss(NoiseSchedule(schedule_config("scaled_linear")), x0, 7, min_snr_gamma)[0])
+
+
+def test_min_snr_weights_put_the_same_weight_on_x0_for_both_parametrizations():
+    # ‖ε̂ − ε‖² = SNR·‖x̂0 − x0‖² and ‖v̂ − v‖² = (SNR + 1)·‖x̂0 − x0‖², so each weight times its
+    # factor must give min(SNR, γ) (Hang et al. 2023, sec. 3.4).
+    t = torch.arange(T)
+    for prediction_type, factor in (("epsilon", lambda s: s), ("v_prediction", lambda s: s + 1)):
+        schedule = NoiseSchedule(ScheduleConfig(T, "linear", 1e-4, 0.02, prediction_type=prediction_type))
+        snr = schedule.snr(t)
+        torch.testing.assert_close(loss_weights(schedule, t, 5.0) * factor(snr), snr.clamp(max=5.0))

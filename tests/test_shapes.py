@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image, ImageFilter
+from PIL import Image, ImageDraw, ImageFilter
 
 from diffusion.config import DataConfig, ShapesConfig
 from diffusion.data import (
@@ -71,10 +71,15 @@ def test_same_seed_same_bytes(tmp_path):
 
 def test_every_caption_matches_its_pixels(shapes300):
     images, captions = shapes300
-    wrong = [t for img, t in zip(images, captions) if tuple(classify(img).values()) != parse_caption(t)]
+    got = [classify(img) for img in images]
+    wrong = [t for g, t in zip(got, captions) if (g["color"], g["shape"], g["position"]) != parse_caption(t)]
     assert not wrong  # the spec asks >= 98%; the clean dataset scores 100%
     result = score(images[:100], captions[:100])
-    assert result["all"] == result["color"] == 1.0 and result["n"] == 100 and result["correct"]["all"] == 100
+    assert result["all"] == result["color"] == result["shape_fill"] == 1.0 and result["correct"]["all"] == 100
+    assert result["n"] == 100 and result["fill"] == {"circle": 1.0, "square": 1.0, "triangle": 1.0}
+    fills = {s: [g["fill"] for g, t in zip(got, captions) if parse_caption(t)[1] == s] for s in SHAPES}
+    assert min(fills["square"]) > 0.98 and 0.75 < min(fills["circle"]) <= max(fills["circle"]) < 0.82
+    assert max(fills["triangle"]) < 0.62
     assert {p for p in (parse_caption(t)[2] for t in captions)} == set(POSITIONS)
 
 
@@ -85,7 +90,31 @@ def test_evaluator_tolerates_blur_and_noise(shapes300):
     for img in images[:90]:
         a = np.asarray(img.filter(ImageFilter.GaussianBlur(0.8)), dtype=np.float64) * 0.85 + 15
         rough.append(Image.fromarray(np.clip(a + rng.normal(0, 12, a.shape), 0, 255).astype(np.uint8)))
-    assert score(rough, captions[:90])["all"] >= 0.95
+    result = score(rough, captions[:90])
+    assert result["all"] >= 0.95 and result["shape_fill"] >= 0.95
+
+
+def _pinched_square(depth: float, size: int = 32) -> Image.Image:
+    """A white square whose four sides bow inwards by `depth` of its side at their midpoints."""
+    big, n = size * 4, 64
+    c, h = big / 2, 0.4 * big / 2
+    t = np.linspace(-1, 1, n, endpoint=False)
+    bow = depth * 2 * h * (1 - t**2)  # zero at the corners, `depth` of the side at the middle
+    sides = [(c + t * h, c - h + bow), (c + h - bow, c + t * h), (c - t * h, c + h - bow), (c - h + bow, c - t * h)]
+    points = [(float(x), float(y)) for xs, ys in sides for x, y in zip(xs, ys)]
+    img = Image.new("RGB", (big, big))
+    ImageDraw.Draw(img).polygon(points, fill=COLORS["white"])
+    return img.resize((size, size), Image.Resampling.BOX)
+
+
+def test_fill_test_rejects_pinched_squares():
+    prompt = ["a white square in the center"]
+    straight, pinched = _pinched_square(0.0), _pinched_square(0.12)
+    assert classify(straight)["shape"] == classify(pinched)["shape"] == "square"  # the template fit accepts both
+    assert classify(straight)["fill"] > 0.97 and classify(pinched)["fill"] < 0.89
+    assert score([straight], prompt)["shape_fill"] == 1.0
+    assert score([pinched], prompt)["shape_fill"] == 0.0 and score([pinched], prompt)["shape"] == 1.0
+    assert score([pinched], prompt)["fill"] == {"square": 0.0}
 
 
 def test_evaluator_inputs_and_empty_images(shapes300):
@@ -94,9 +123,11 @@ def test_evaluator_inputs_and_empty_images(shapes300):
     images, captions = shapes300
     tensor = torch.from_numpy(np.array(images[0])).permute(2, 0, 1).float() / 127.5 - 1
     want = dict(zip(("color", "shape", "position"), parse_caption(captions[0])))
-    assert classify(tensor) == classify(images[0]) == want
+    from_tensor, from_pil = classify(tensor), classify(images[0])
+    assert from_tensor.pop("fill") == pytest.approx(from_pil.pop("fill"), abs=0.01)
+    assert from_tensor == from_pil == want
     blank = Image.new("RGB", (32, 32))
-    assert classify(blank) == {"color": None, "shape": None, "position": None}
+    assert classify(blank) == {"color": None, "shape": None, "position": None, "fill": None}
     result = score([blank, images[0]], ["a red circle in the center", captions[0]])
     assert result["all"] == 0.5 and result["correct"]["color"] == 1
 
@@ -122,12 +153,30 @@ def test_ensure_shapes(tmp_path):
     assert ensure_shapes(DataConfig(path=str(tmp_path / "off"))) is False and not (tmp_path / "off").exists()
 
 
+def test_ensure_shapes_refuses_a_folder_made_with_other_settings(tmp_path):
+    from diffusion.data import DataError
+
+    cfg = DataConfig(path=str(tmp_path / "shapes"), resolution=16, shapes=ShapesConfig(generate=True, num=6, seed=1))
+    assert ensure_shapes(cfg) is True
+    assert ensure_shapes(cfg) is False  # the same settings reuse it
+    reseeded = DataConfig(path=cfg.path, resolution=16, shapes=ShapesConfig(generate=True, num=6, seed=2))
+    with pytest.raises(DataError, match=r"data.shapes.seed=1, but the config asks for 2; set data.path"):
+        ensure_shapes(reseeded)
+    held = DataConfig(path=cfg.path, resolution=16, shapes=ShapesConfig(generate=True, num=6, seed=1, held_out=("red circle",)))
+    with pytest.raises(DataError, match="data.shapes.held_out"):
+        ensure_shapes(held)
+    with pytest.raises(DataError, match="data.resolution=16"):
+        ensure_shapes(DataConfig(path=cfg.path, resolution=32, shapes=cfg.shapes))
+
+
 def test_evaluate_cli(tmp_path, capsys):
     from diffusion.data.evaluate import main
 
     generate_shapes(tmp_path, 10, seed=5)
     assert main([str(tmp_path)]) == 0
-    assert capsys.readouterr().out.strip() == "n=10  color 100.0%  shape 100.0%  position 100.0%  all 100.0%"
+    assert capsys.readouterr().out.strip() == (
+        "n=10  color 100.0%  shape 100.0%  position 100.0%  all 100.0%  shape+fill 100.0%"
+    )
 
 
 def test_cli(tmp_path):

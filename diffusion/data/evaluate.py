@@ -11,6 +11,10 @@ tolerate imperfect samples (a noisy or grey background, soft edges, stray specks
 3. Shape: an ideal circle, square and up-pointing triangle, each sized and placed from the blob's mass
    and centroid (which blur preserves) and blurred by a few amounts; the least-squares fit wins.
 4. Position: the anchor nearest to the fitted shape's center.
+5. Fill: the blob's mass over the area of its extent box (the widths of its column and row profiles).
+   An ideal square fills 1, a circle pi/4 and a triangle 1/2. A pinched square with concave sides still
+   fits the square template best but fills less, so the strict shape test ("shape_fill") also asks a
+   square to fill at least `SQUARE_FILL` of its box, and a circle or triangle to fill less.
 
 An image with no clear foreground gets None for every attribute, which never matches a prompt.
 
@@ -34,6 +38,9 @@ MIN_CONTRAST = 40.0  # peak minus background (0-255) below which we call the ima
 _PALETTE = np.array(list(COLORS.values()), dtype=np.float64)  # (6, 3)
 _AREA = {"circle": np.pi / 4, "square": 1.0, "triangle": 0.5}  # area / side**2
 _BLURS = (0.0, 0.04, 0.08, 0.12, 0.16)  # Gaussian sigmas tried, relative to the shape's side
+# Halfway between an ideal circle's fill (pi/4) and a square's (1). Blur moves circles and triangles
+# towards it (a 32 px circle blurred by 1.6 px fills at most 0.86) but leaves squares at 1.
+SQUARE_FILL = 0.89
 
 
 def _as_array(image: Any) -> np.ndarray:
@@ -134,18 +141,30 @@ def _fit_shape(coverage: np.ndarray) -> tuple[str, float, float]:
     return best[1], best[2], best[3]
 
 
-def classify(image: Any) -> dict[str, Optional[str]]:
-    """Decide color, shape and position from pixels: {"color": ..., "shape": ..., "position": ...}.
+def fill_ratio(coverage: np.ndarray) -> float:
+    """Mass over the extent box of a soft coverage map. The extents are the sums of the column-wise and
+    row-wise maximum coverage, so anti-aliased and blurred edges count by their fraction."""
+    width, height = coverage.max(axis=0).sum(), coverage.max(axis=1).sum()
+    return float(coverage.sum() / (width * height))
+
+
+def fill_agrees(shape: str, fill: float) -> bool:
+    """The strict shape test: squares fill at least SQUARE_FILL of their extent box, other shapes less."""
+    return (fill >= SQUARE_FILL) == (shape == "square")
+
+
+def classify(image: Any) -> dict[str, Any]:
+    """Decide color, shape and position from pixels: {"color": ..., "shape": ..., "position": ..., "fill": ...}.
 
     Accepts a PIL image, an (H, W, 3) uint8 array or a (3, H, W) tensor in [-1, 1]. Every value is None
-    when there is no foreground.
+    when there is no foreground. "fill" is the blob's `fill_ratio`.
     """
     rgb = _as_array(image)
     h, w, _ = rgb.shape
     v = rgb.max(axis=2)
     background, peak = float(np.median(v)), float(np.percentile(v, 99.5))
     if peak - background < MIN_CONTRAST:
-        return dict.fromkeys(ATTRIBUTES)
+        return dict.fromkeys(ATTRIBUTES + ("fill",))
     coverage = np.clip((v - background) / (peak - background), 0, 1)
     blob = _largest_component(coverage > 0.5)
 
@@ -165,17 +184,24 @@ def classify(image: Any) -> dict[str, Optional[str]]:
 
     fx, fy = (cx + x0) / w, (cy + y0) / h
     position = min(POSITIONS, key=lambda p: (POSITIONS[p][0] - fx) ** 2 + (POSITIONS[p][1] - fy) ** 2)
-    return {"color": color, "shape": shape, "position": position}
+    # Fill: relative to the core's own level, so noise on the shape's face does not count as a gap, and
+    # over the blob plus a one-pixel rim, so noise around it does not widen its extents.
+    level = float(np.median(coverage[blob]))
+    solid = np.where(_dilate(blob, 1), np.clip(coverage / level, 0, 1), 0.0)
+    return {"color": color, "shape": shape, "position": position, "fill": fill_ratio(solid)}
 
 
 def score(images: Sequence[Any], prompts: Sequence[str]) -> dict[str, Any]:
     """Accuracy of `images` against their `prompts`, per attribute and for all three at once.
 
-    Returns {"color": acc, "shape": acc, "position": acc, "all": acc, "n": N, "correct": {attr: count}}.
+    Returns {"color", "shape", "position", "all", "shape_fill": accuracies, "fill": {shape: share of that
+    shape's prompts whose fill agrees}, "n": N, "correct": {attr: count}}. "shape_fill" counts an image
+    whose shape is right by the template fit and by the fill test.
     """
     if len(images) != len(prompts):
         raise ValueError(f"got {len(images)} images but {len(prompts)} prompts")
-    correct = dict.fromkeys(ATTRIBUTES + ("all",), 0)
+    correct = dict.fromkeys(ATTRIBUTES + ("all", "shape_fill"), 0)
+    fills: dict[str, list[bool]] = {}
     for image, prompt in zip(images, prompts):
         want = dict(zip(ATTRIBUTES, parse_caption(prompt)))
         got = classify(image)
@@ -183,16 +209,19 @@ def score(images: Sequence[Any], prompts: Sequence[str]) -> dict[str, Any]:
         for a, hit in zip(ATTRIBUTES, hits):
             correct[a] += hit
         correct["all"] += all(hits)
+        agrees = got["fill"] is not None and fill_agrees(want["shape"], got["fill"])
+        correct["shape_fill"] += hits[1] and agrees
+        fills.setdefault(want["shape"], []).append(agrees)
     n = len(images)
     result: dict[str, Any] = {k: (c / n if n else 0.0) for k, c in correct.items()}
-    result.update(n=n, correct=correct)
+    result.update(fill={s: sum(v) / len(v) for s, v in fills.items()}, n=n, correct=correct)
     return result
 
 
 def format_score(result: dict[str, Any]) -> str:
-    """One line such as `n=300  color 100.0%  shape 99.3%  position 100.0%  all 99.3%`."""
+    """One line such as `n=300  color 100.0%  shape 99.3%  position 100.0%  all 99.3%  shape+fill 98.0%`."""
     parts = [f"{a} {100 * result[a]:.1f}%" for a in ATTRIBUTES + ("all",)]
-    return f"n={result['n']}  " + "  ".join(parts)
+    return f"n={result['n']}  " + "  ".join(parts) + f"  shape+fill {100 * result['shape_fill']:.1f}%"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

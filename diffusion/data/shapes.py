@@ -10,6 +10,7 @@ folder (`00000.png` + `00000.txt`), so it goes through exactly the same loader a
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import re
@@ -45,6 +46,10 @@ BACKGROUND = (0, 0, 0)
 SIDE_RANGE = (0.35, 0.45)  # bounding-box side as a fraction of the image side
 JITTER = 0.04  # max center offset from the anchor, as a fraction of the image side
 SUPERSAMPLE = 4  # draw at 4x and box-downsample: exact area-coverage anti-aliasing
+
+# A generated folder records how it was made, so that a config asking for another seed, size or held-out
+# set is refused instead of silently training on the folder already there.
+RECIPE_FILE = ".shapes.json"
 
 _CAPTION_RE = re.compile(r"^\s*an? (\w+) (\w+) in the ([a-z ]+?)\s*\.?\s*$")
 
@@ -165,6 +170,7 @@ def _generate_atomically(out: Path, num: int, size: int, seed: int, held_out: Se
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         generate_shapes(tmp, num, size, seed, held_out)
+        (tmp / RECIPE_FILE).write_text(json.dumps(_recipe(num, size, seed, held_out)) + "\n", encoding="utf-8")
         if out.is_dir() and _is_empty(out):
             out.rmdir()  # rename cannot replace an existing directory portably
         os.rename(tmp, out)
@@ -177,16 +183,40 @@ def _generate_atomically(out: Path, num: int, size: int, seed: int, held_out: Se
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _recipe(num: int, size: int, seed: int, held_out: Sequence[str]) -> dict:
+    return {"num": num, "size": size, "seed": seed, "held_out": sorted(" ".join(parse_pair(p)) for p in held_out)}
+
+
 def ensure_shapes(cfg: DataConfig) -> bool:
     """Generate the shapes dataset at cfg.path when cfg.shapes.generate and the folder is missing or empty.
 
-    Images are generated at cfg.resolution. Returns True when this call wrote the dataset.
+    Images are generated at cfg.resolution. Returns True when this call wrote the dataset. A folder that
+    this function generated with other settings raises DataError, naming the setting that differs.
     """
     out = Path(cfg.path)
-    if not cfg.shapes.generate or not _is_empty(out):
-        return False
     s = cfg.shapes
+    if not s.generate:
+        return False
+    if not _is_empty(out):
+        _check_recipe(out, _recipe(s.num, cfg.resolution, s.seed, s.held_out))
+        return False
     return _generate_atomically(out, s.num, cfg.resolution, s.seed, s.held_out)
+
+
+def _check_recipe(out: Path, want: dict) -> None:
+    from diffusion.data.folder import DataError
+
+    try:
+        have = json.loads((out / RECIPE_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # not generated here (or by an older version): the folder is the user's data
+    names = {"num": "data.shapes.num", "size": "data.resolution", "seed": "data.shapes.seed", "held_out": "data.shapes.held_out"}
+    for key, name in names.items():
+        if have.get(key) != want[key]:
+            raise DataError(
+                f"{out} holds shapes generated with {name}={have.get(key)}, but the config asks for {want[key]}; "
+                "set data.path to a new folder, or delete this one to regenerate it"
+            )
 
 
 # ----------------------------------------------------------------------------- CLI
