@@ -419,13 +419,22 @@ def prompt_fidelity(run: Run, pipe: Pipeline, ema: EMA, step: int) -> dict[str, 
     return {a: result[a] for a in (*ATTRIBUTES, "all")}
 
 
+def param_groups(model: Denoiser, tc) -> list[dict]:
+    """The U-Net's trainable parameters at training.lr and the text encoder's at training.text_encoder_lr."""
+    groups = [{"params": [p for p in model.unet.parameters() if p.requires_grad], "lr": tc.lr}]
+    if model.text_encoder is not None:
+        lr = tc.lr if tc.text_encoder_lr is None else tc.text_encoder_lr
+        groups.append({"params": [p for p in model.text_encoder.parameters() if p.requires_grad], "lr": lr})
+    return groups
+
+
 def train_ldm(run: Run) -> bool:
     """Stage 2. Returns False when a signal stopped it (after saving a checkpoint)."""
     cfg, acc, tc = run.cfg, run.accelerator, run.cfg.training
     pipe = build_pipeline(run)
     model = Denoiser(pipe.unet, pipe.text_encoder if cfg.text_encoder.trainable else None).train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = adamw(params, lr=tc.lr, betas=tc.adam_betas, weight_decay=tc.weight_decay, eps=tc.adam_eps)
+    optimizer = adamw(param_groups(model, tc), lr=tc.lr, betas=tc.adam_betas, weight_decay=tc.weight_decay, eps=tc.adam_eps)
     scheduler = LambdaLR(optimizer, lr_lambda(tc.warmup_steps, tc.max_steps, tc.lr_schedule))
     ema = EMA(pipe.unet, tc.ema_decay, tc.ema_warmup)
     model_ddp, optimizer = acc.prepare(model, optimizer)

@@ -152,6 +152,8 @@ class TrainingConfig:
     max_steps: int = 10000
     batch_size: int = 16
     lr: float = 1e-4
+    # The trainable text encoder's own peak rate (kohya's --text_encoder_lr); None: the same as lr.
+    text_encoder_lr: Optional[float] = None
     adam_betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 1e-2
     adam_eps: float = 1e-8

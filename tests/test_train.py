@@ -338,3 +338,26 @@ def test_two_process_data_parallel_run_on_cpu(reference, tmp_path):
     assert [m["step"] for m in metrics(out) if m["stage"] == "ldm" and "loss" in m] == [1, 2, 3]
     assert [s for s, _ in list_checkpoints(out / "checkpoints")] == [2, 3] and (out / "model" / "unet.safetensors").is_file()
     assert not [p for p in out.rglob("*") if p.name.endswith((".tmp", ".old"))]
+
+
+def test_eval_every_needs_the_shapes_data_and_a_sane_value(capsys):
+    assert train_main(["--config", str(TINY), "training.eval_every=10", "data.shapes.generate=false"]) == 2
+    assert "training.eval_every scores the built-in shapes prompts" in capsys.readouterr().err
+    assert train_main(["--config", str(TINY), "training.eval_every=-1"]) == 2
+    assert "training.eval_every must be >= 0" in capsys.readouterr().err
+
+
+def test_text_encoder_gets_its_own_learning_rate(tiny_pipeline):
+    from diffusion.config import TrainingConfig
+    from diffusion.training import Denoiser
+
+    train_main(["--help"])  # loads train.py as a module
+    param_groups = sys.modules["train_script"].param_groups
+    model = Denoiser(tiny_pipeline.unet, tiny_pipeline.text_encoder)
+    unet_group, text_group = param_groups(model, TrainingConfig(lr=1e-3, text_encoder_lr=1e-4))
+    assert (unet_group["lr"], text_group["lr"]) == (1e-3, 1e-4)
+    assert {id(p) for p in unet_group["params"]} == {id(p) for p in tiny_pipeline.unet.parameters()}
+    text_params = {id(p) for p in tiny_pipeline.text_encoder.parameters() if p.requires_grad}
+    assert {id(p) for p in text_group["params"]} == text_params and text_params
+    assert [g["lr"] for g in param_groups(model, TrainingConfig(lr=2e-4))] == [2e-4, 2e-4]
+    assert len(param_groups(Denoiser(tiny_pipeline.unet), TrainingConfig())) == 1
