@@ -7,11 +7,13 @@ from conftest import ROOT
 
 def test_required_keys_exist():
     cfg = Config()
-    for dotted in ["output_dir", "seed", "data.path", "data.resolution", "vae_training.max_steps",
-                   "training.max_steps", "training.batch_size", "training.checkpoint_every"]:
+    expected = {"output_dir": str, "seed": int, "data.path": str, "data.resolution": int, "vae_training.max_steps": int,
+                "training.max_steps": int, "training.batch_size": int, "training.checkpoint_every": int}
+    for dotted, kind in expected.items():
         node = cfg
         for part in dotted.split("."):
             node = getattr(node, part)
+        assert isinstance(node, kind) and not isinstance(node, bool), (dotted, node)
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))

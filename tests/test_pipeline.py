@@ -118,10 +118,19 @@ def test_load_errors_name_the_problem(tiny_model_dir, tmp_path):
 
 
 def test_save_never_pickles(tiny_model_dir):
+    import json
+    import struct
+
     assert sorted(p.name for p in tiny_model_dir.iterdir()) == [
         "pipeline.yaml", "text_encoder.safetensors", "unet.safetensors", "vae.safetensors"
     ]
-
+    for path in tiny_model_dir.glob("*.safetensors"):
+        raw = path.read_bytes()
+        assert not raw.startswith((b"\x80", b"PK")), path  # neither a pickle nor torch.save's zip
+        (n,) = struct.unpack("<Q", raw[:8])  # safetensors: an 8-byte header length, a JSON header, raw data
+        header = json.loads(raw[8 : 8 + n])
+        end = max(v["data_offsets"][1] for k, v in header.items() if k != "__metadata__")
+        assert 8 + n + end == len(raw), path  # nothing else is stored after the tensors
 
 def test_tiny_unet_overfits_one_pair():
     """A tiny U-Net memorises one (latent, caption) pair: the loss falls at least 10x."""

@@ -105,7 +105,10 @@ def test_eta_and_bf16(tiny_model_dir, tmp_path):
     [b] = run(tiny_model_dir, tmp_path, "--prompt", "x", "--eta", "1")
     [c] = run(tiny_model_dir, tmp_path, "--prompt", "x", "--dtype", "bf16", "--device", "cpu")
     assert read_png_params(b).eta == 1.0 and not np.array_equal(pixels(a), pixels(b))
-    assert pixels(c).shape == (16, 16, 3)
+    assert pixels(c).shape == (16, 16, 3) and read_png_params(c).seed == read_png_params(a).seed
+    # bf16 rounds differently from fp32 but draws the same image from the same seed: close, not equal.
+    diff = np.abs(pixels(c).astype(int) - pixels(a).astype(int))
+    assert diff.mean() < 12 and pixels(c).std() > 1, (diff.mean(), pixels(c).std())
 
 
 # ----------------------------------------------------------------------------- determinism and round-trip
