@@ -392,26 +392,31 @@ def save_ldm_checkpoint(run, step, position, pipe, ema, optimizer, scheduler, ge
         save_training_state(tmp / "state.pt", step, position, run.accelerator, [optimizer], scheduler, rng)
 
 
-def save_preview(run: Run, pipe: Pipeline, ema: EMA, step: int) -> None:
-    prompts = preview_prompts(run.cfg, run.index)
-    with torch.random.fork_rng(devices=[]), ema.swapped_in(pipe.unet):  # previews never shift training's RNG
+@contextlib.contextmanager
+def sampling_with_ema(pipe: Pipeline, ema: EMA):
+    """The pipeline in eval mode with the EMA U-Net swapped in, and training's RNG left where it was."""
+    with torch.random.fork_rng(devices=[]), ema.swapped_in(pipe.unet):
         pipe.unet.eval()
         pipe.text_encoder.eval()
+        try:
+            yield
+        finally:
+            pipe.unet.train()
+            pipe.text_encoder.train()  # a frozen text encoder stays in eval mode
+
+
+def save_preview(run: Run, pipe: Pipeline, ema: EMA, step: int) -> None:
+    prompts = preview_prompts(run.cfg, run.index)
+    with sampling_with_ema(pipe, ema):
         images = pipe.generate(prompts, steps=min(run.cfg.sampling.steps, PREVIEW_STEPS), seed=run.cfg.seed)
-        pipe.unet.train()
-        pipe.text_encoder.train()  # a frozen text encoder stays in eval mode
     (run.out / "samples").mkdir(exist_ok=True)
     image_grid(images, cols=min(4, len(images))).save(run.out / "samples" / f"step-{step:06d}.png")
 
 
 def prompt_fidelity(run: Run, pipe: Pipeline, ema: EMA, step: int) -> dict[str, float]:
     """Score the EMA model on TRAINING_PROMPTS with DDIM; log it and return {"color": acc, ...}."""
-    with torch.random.fork_rng(devices=[]), ema.swapped_in(pipe.unet):
-        pipe.unet.eval()
-        pipe.text_encoder.eval()
+    with sampling_with_ema(pipe, ema):
         result = evaluate_shapes(pipe, sampler="ddim", steps=EVAL_STEPS, prompts=TRAINING_PROMPTS)
-        pipe.unet.train()
-        pipe.text_encoder.train()
     fields = {f"eval_{a}": result[a] for a in (*ATTRIBUTES, "all", "shape_fill")}
     if "held_out" in result:
         fields["eval_held_out_all"] = result["held_out"]["all"]
@@ -433,8 +438,9 @@ def train_ldm(run: Run) -> bool:
     cfg, acc, tc = run.cfg, run.accelerator, run.cfg.training
     pipe = build_pipeline(run)
     model = Denoiser(pipe.unet, pipe.text_encoder if cfg.text_encoder.trainable else None).train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = adamw(param_groups(model, tc), lr=tc.lr, betas=tc.adam_betas, weight_decay=tc.weight_decay, eps=tc.adam_eps)
+    groups = param_groups(model, tc)
+    params = [p for g in groups for p in g["params"]]
+    optimizer = adamw(groups, lr=tc.lr, betas=tc.adam_betas, weight_decay=tc.weight_decay, eps=tc.adam_eps)
     scheduler = LambdaLR(optimizer, lr_lambda(tc.warmup_steps, tc.max_steps, tc.lr_schedule))
     ema = EMA(pipe.unet, tc.ema_decay, tc.ema_warmup)
     model_ddp, optimizer = acc.prepare(model, optimizer)

@@ -18,6 +18,8 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import Tensor
 
+from .schedule import per_sample
+
 Model = Callable[[Tensor, Tensor], Tensor]  # model(x_t, t) -> eps
 Callback = Callable[[int, int, Tensor], None]  # callback(i, t, x) after step i
 Scalar = float | Tensor
@@ -200,7 +202,7 @@ def epsilon_from_v(model: Model, alphas_cumprod: Tensor) -> Model:
     """
 
     def model_eps(x_t: Tensor, t: Tensor) -> Tensor:
-        abar = alphas_cumprod.to(x_t.device)[t].view(-1, *([1] * (x_t.ndim - 1)))  # (B, 1, 1, 1)
+        abar = per_sample(alphas_cumprod, t, x_t)  # (B, 1, 1, 1)
         v = model(x_t, t)
         return (abar.sqrt() * v.float() + (1 - abar).sqrt() * x_t.float()).to(v.dtype)
 

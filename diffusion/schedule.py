@@ -67,7 +67,7 @@ def make_betas(cfg: ScheduleConfig) -> Tensor:
 # ----------------------------------------------------------------------------- schedule
 
 
-def _per_sample(table: Tensor, t: Tensor, like: Tensor) -> Tensor:
+def per_sample(table: Tensor, t: Tensor, like: Tensor) -> Tensor:
     """table[t] shaped (B, 1, ..., 1) to broadcast against `like`, on like's device."""
     values = table.to(like.device)[t]  # .to is free when the schedule already lives there
     return values.view(-1, *([1] * (like.ndim - 1)))
@@ -101,12 +101,12 @@ class NoiseSchedule:
 
     def q_sample(self, x0: Tensor, t: Tensor, eps: Tensor) -> Tensor:
         """x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε (Ho et al. 2020, eq. 4), with one t per sample: t is (B,)."""
-        alpha_bar = _per_sample(self.alphas_cumprod, t, x0)  # (B, 1, 1, 1)
+        alpha_bar = per_sample(self.alphas_cumprod, t, x0)  # (B, 1, 1, 1)
         return alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * eps
 
     def velocity(self, x0: Tensor, t: Tensor, eps: Tensor) -> Tensor:
         """v = √ᾱ_t·ε − √(1−ᾱ_t)·x0 (Salimans & Ho 2022, sec. 4), with one t per sample: t is (B,)."""
-        alpha_bar = _per_sample(self.alphas_cumprod, t, x0)  # (B, 1, 1, 1)
+        alpha_bar = per_sample(self.alphas_cumprod, t, x0)  # (B, 1, 1, 1)
         return alpha_bar.sqrt() * eps - (1 - alpha_bar).sqrt() * x0
 
 

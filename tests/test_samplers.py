@@ -10,9 +10,9 @@ from diffusion.samplers import (
     conditional,
     ddim,
     ddim_step,
-    epsilon_from_v,
     ddpm,
     ddpm_step,
+    epsilon_from_v,
     predict_x0,
     randn_like_per_image,
 )
