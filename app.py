@@ -16,11 +16,13 @@ An empty prompt is allowed: it generates unconditionally.
 from __future__ import annotations
 
 import argparse
+import sys
 
 import gradio as gr
 
-from diffusion.cli import ArgumentParser, add_device_args, load_model, resolve_seed
-from diffusion.pipeline import Pipeline, PipelineError
+from diffusion.cli import ArgumentParser, add_device_args, load_model, resolve_seed, run_main
+from diffusion.errors import ToolkitError
+from diffusion.pipeline import Pipeline
 
 MAX_IMAGES = 8
 MAX_GUIDANCE = 30.0
@@ -63,7 +65,7 @@ def build_demo(pipeline: Pipeline) -> gr.Blocks:
                 batch_size=MAX_IMAGES,
                 progress=lambda done, total: progress((done, total), desc="Denoising", unit="steps"),
             )
-        except (PipelineError, ValueError) as e:
+        except ToolkitError as e:
             raise gr.Error(str(e), title="Check the settings", print_exception=False) from None
         params = [image.info["parameters"] for image in images]
         return list(zip(images, params)), seed, "\n\n".join(params)
@@ -116,11 +118,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> None:
+def serve(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     pipeline = load_model(args.model, args.device, args.dtype)
     build_demo(pipeline).launch(server_name=args.host, server_port=args.port, share=args.share)
 
 
+def main(argv: list[str] | None = None) -> int:
+    return run_main(serve, argv)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -29,9 +29,10 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
-from diffusion.cli import ArgumentParser, add_device_args, fail, load_model, resolve_seed, warn
+from diffusion.cli import ArgumentParser, add_device_args, load_model, resolve_seed, run_main
+from diffusion.errors import ToolkitError, UsageError, warn
 from diffusion.infotext import JSON_KEY, GenerationParams, attach, read_png_params, save_png
-from diffusion.pipeline import PipelineError, image_grid
+from diffusion.pipeline import image_grid
 
 GENERATION_FLAGS = ("negative_prompt", "sampler", "steps", "guidance", "eta", "seed", "height", "width")
 
@@ -63,10 +64,10 @@ def read_prompts(path: str) -> list[str]:
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as e:
-        fail(f"cannot read --prompts-file {path} ({e.__class__.__name__}); give a UTF-8 text file, one prompt per line")
+        raise ToolkitError(f"cannot read --prompts-file {path} ({e.__class__.__name__}); give a UTF-8 text file, one prompt per line") from None
     prompts = [line.strip() for line in lines if line.strip()]
     if not prompts:
-        fail(f"--prompts-file {path} holds no prompts; write one prompt per line")
+        raise ToolkitError(f"--prompts-file {path} holds no prompts; write one prompt per line")
     return prompts
 
 
@@ -74,9 +75,9 @@ def read_png(path: str) -> GenerationParams:
     try:
         return read_png_params(path)
     except ValueError as e:
-        fail(f"{e}; --from-png needs an image written by sample.py, app.py or AUTOMATIC1111")
+        raise ToolkitError(f"{e}; --from-png needs an image written by sample.py, app.py or AUTOMATIC1111") from None
     except OSError as e:
-        fail(f"cannot read --from-png {path} ({e.__class__.__name__}); give a PNG file")
+        raise ToolkitError(f"cannot read --from-png {path} ({e.__class__.__name__}); give a PNG file") from None
 
 
 def request_from_args(args) -> tuple[list[str], dict, GenerationParams | None]:
@@ -106,7 +107,7 @@ def save_images(images: list[Image.Image], out: Path, grid: bool) -> list[Path]:
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        fail(f"cannot create --out {out} ({e.__class__.__name__}); choose another folder")
+        raise ToolkitError(f"cannot create --out {out} ({e.__class__.__name__}); choose another folder") from None
     params = [GenerationParams.from_json(image.info[JSON_KEY]) for image in images]
     paths = []
     for n, (image, p) in enumerate(zip(images, params), start=next_number(out)):
@@ -119,20 +120,18 @@ def save_images(images: list[Image.Image], out: Path, grid: bool) -> list[Path]:
     return paths
 
 
-def main(argv: list[str] | None = None) -> list[Path]:
+def generate_files(argv: list[str] | None = None) -> list[Path]:
+    """What `sample.py ARGS` does: returns the paths written. Problems raise ToolkitError (see run_main)."""
     args = parse_args(argv)
     if args.num_images < 1:
-        fail(f"--num-images must be at least 1, got {args.num_images}")
+        raise UsageError(f"--num-images must be at least 1, got {args.num_images}")
     if args.batch_size < 1:
-        fail(f"--batch-size must be at least 1, got {args.batch_size}")
+        raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
     prompts, kwargs, stored = request_from_args(args)
     if not args.model:
         recorded = f" (it records model '{stored.model_name}', hash {stored.model_hash or 'unknown'})" if stored else ""
-        fail(f"--model DIR is required{recorded}; point it at the model folder")
-    try:
-        kwargs["seed"] = resolve_seed(0 if kwargs["seed"] is None else kwargs["seed"], len(prompts) * args.num_images)
-    except ValueError as e:
-        fail(str(e))
+        raise UsageError(f"--model DIR is required{recorded}; point it at the model folder")
+    kwargs["seed"] = resolve_seed(0 if kwargs["seed"] is None else kwargs["seed"], len(prompts) * args.num_images)
     if args.seed == -1:
         print(f"random seed: {kwargs['seed']}", file=sys.stderr)
 
@@ -154,8 +153,6 @@ def main(argv: list[str] | None = None) -> list[Path]:
             images = pipe.generate(
                 [p for p in prompts for _ in range(args.num_images)], batch_size=args.batch_size, progress=progress, **kwargs
             )
-    except PipelineError as e:
-        fail(str(e))
     finally:
         for bar in bars:
             bar.close()
@@ -166,5 +163,9 @@ def main(argv: list[str] | None = None) -> list[Path]:
     return paths
 
 
+def main(argv: list[str] | None = None) -> int:
+    return run_main(generate_files, argv)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -54,8 +54,8 @@ from diffusers.utils.torch_utils import randn_tensor  # noqa: E402
 
 from diffusion.config import PipelineConfig, UNetConfig, VAEConfig, apply_overrides, from_dict, load_yaml  # noqa: E402
 from diffusion.pipeline import Pipeline  # noqa: E402
-from diffusion.training import adamw  # noqa: E402
-from diffusion.unet import UNet  # noqa: E402
+from diffusion.train.optim import adamw  # noqa: E402
+from diffusion.models.unet import UNet  # noqa: E402
 
 CONFIG = Path(__file__).with_name("unet_bench.yaml")
 PROMPTS = ["a red circle in the top left", "a blue square in the center",
@@ -219,7 +219,7 @@ def unet_inputs(batch: int, cfg: PipelineConfig, device, memory_format=torch.con
     return x, t, context, noise
 
 
-# Each side's AdamW as its training script builds it: ours is train.py's (diffusion.training.adamw,
+# Each side's AdamW as its training script builds it: ours is train.py's (diffusion.train.optim.adamw,
 # PyTorch's fused kernel), diffusers' is train_text_to_image.py's (torch.optim.AdamW's defaults).
 # The same update rule and hyperparameters; only the implementation differs.
 OPTIMIZERS = {"ours": adamw, "diffusers": torch.optim.AdamW}

@@ -1,57 +1,71 @@
-"""Helpers shared by the command-line entry points (sample.py, app.py).
+"""The command-line convention that every entry point shares (train.py, sample.py, app.py, `python -m diffusion.*`).
 
-Every user mistake ends the program with one line that says what to fix, never a traceback.
+- Exit status 0: done. 1: a problem met while doing the work (data, weights, a model folder, a
+  diverging loss). 2: a bad command line or config, so nothing was done. 130: interrupted.
+- Every error is one line on stderr, `error: ...`, with no traceback; a multi-process run prints it once.
+
+An entry point parses with `ArgumentParser`, does its work in a function that raises `ToolkitError`s,
+and exits with `sys.exit(run_main(work, argv))`.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import sys
-from typing import NoReturn
+from typing import Callable, NoReturn, Sequence
 
-import torch
-
-from .pipeline import DTYPES, Pipeline, PipelineError, load_pipeline
+from .errors import ToolkitError, UsageError, one_line, warn  # noqa: F401 - warn is re-exported for the scripts
 
 MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes a signed 64-bit seed
 
 
-def fail(message: str) -> NoReturn:
-    """Exit with status 1 and a one-line `error: ...` on stderr."""
-    raise SystemExit("error: " + " ".join(str(message).split("\n")))
-
-
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse, but a bad flag gives one line (exit status 2) instead of the usage block."""
+    """argparse, but a bad flag raises UsageError (one line, exit status 2) instead of printing the usage block."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+        raise UsageError(f"{self.prog}: {message} (see --help)")
+
+
+def run_main(work: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> int:
+    """Run work(argv) under the convention above and return the exit status."""
+    try:
+        work(argv)
+        return 0
+    except SystemExit as e:  # --help and --version
+        return e.code if isinstance(e.code, int) else 0
+    except ToolkitError as e:
+        code, message = e.exit_code, one_line(e)
+    except KeyboardInterrupt:
+        code, message = 130, "interrupted"
+    if int(os.environ.get("RANK", "0")) == 0:  # one line from a multi-process run, not one per rank
+        print(f"error: {message}", file=sys.stderr)
+    return code
 
 
 def add_device_args(parser: argparse.ArgumentParser) -> None:
+    from .pipeline import DTYPES
+
     parser.add_argument("--device", choices=["cuda", "cpu"], default=None, help="default: cuda when available")
     parser.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="U-Net and text encoder; the VAE stays fp32")
 
 
-def load_model(path: str, device: str | None = None, dtype: str = "fp32") -> Pipeline:
-    """Load a saved pipeline, or exit with one line saying why it cannot be used."""
+def load_model(path: str, device: str | None = None, dtype: str = "fp32"):
+    """Load a saved pipeline; PipelineError (exit 1) says why one cannot be used."""
+    import torch
+
+    from .pipeline import load_pipeline
+
     if device == "cuda" and not torch.cuda.is_available():
-        fail("--device cuda was asked for but CUDA is not available here; use --device cpu")
-    try:
-        return load_pipeline(path, device, dtype)
-    except PipelineError as e:
-        fail(str(e))
+        raise UsageError("--device cuda was asked for but CUDA is not available here; use --device cpu")
+    return load_pipeline(path, device, dtype)
 
 
 def resolve_seed(seed: int, count: int = 1) -> int:
-    """-1 picks a random seed; otherwise seeds seed .. seed + count - 1 must fit a generator."""
+    """-1 picks a random seed; otherwise seeds seed .. seed + count - 1 must fit a generator (UsageError)."""
     if seed == -1:
         return random.randint(0, 2**32 - 1)
     if not 0 <= seed <= MAX_SEED - count:
-        raise ValueError(f"seed must be -1 (random) or between 0 and {MAX_SEED - count}, got {seed}")
+        raise UsageError(f"seed must be -1 (random) or between 0 and {MAX_SEED - count}, got {seed}")
     return seed
-
-
-def warn(message: str) -> None:
-    print(f"warning: {message}", file=sys.stderr)

@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
+from .errors import UsageError
 
 
-class ConfigError(ValueError):
+class ConfigError(UsageError, ValueError):
     """A config file or override that does not fit the schema."""
 
 

@@ -14,8 +14,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
-import os
-import shutil
 from pathlib import Path
 from typing import Callable
 
@@ -23,22 +21,28 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .errors import ToolkitError, UsageError
 from .config import ConfigError, PipelineConfig, from_dict, load_yaml, save_config
 from .infotext import GenerationParams, attach
 from .samplers import classifier_free_guidance, ddim, ddpm, epsilon_from_v
 from .schedule import NoiseSchedule, inference_timesteps
-from .text import TextEncoder
-from .unet import UNet
-from .vae import AutoencoderKL
-from .weights import WeightsError, load_state_dict_checked, load_weights_file, save_weights
+from .models.text import TextEncoder
+from .models.unet import UNet
+from .models.vae import AutoencoderKL
+from .io.atomic import atomic_folder
+from .io.weights import WeightsError, load_state_dict_checked, load_weights_file, save_weights
 
 CONFIG_FILE = "pipeline.yaml"
 COMPONENTS = ("vae", "text_encoder", "unet")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-class PipelineError(ValueError):
+class PipelineError(ToolkitError, ValueError):
     """A model folder that cannot be loaded, or generation arguments that are out of range."""
+
+
+class BadRequest(PipelineError, UsageError):
+    """A generation argument out of range: a bad flag for the command line (exit 2), a visible error in the app."""
 
 
 def default_device() -> torch.device:
@@ -111,20 +115,12 @@ class Pipeline:
 
     def save(self, path: str | Path) -> None:
         """Write the folder atomically: build it beside the target, then swap it in."""
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
         # The weights live in this folder now, so the saved config must not point at a download tag.
         text_cfg = dataclasses.replace(self.cfg.text_encoder, pretrained=None)
-        save_config(dataclasses.replace(self.cfg, text_encoder=text_cfg), tmp / CONFIG_FILE)
-        for name in COMPONENTS:
-            save_weights(getattr(self, name), tmp / f"{name}.safetensors")
-        old = path.with_name(path.name + ".old")
-        if path.exists():
-            os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
+        with atomic_folder(path) as tmp:
+            save_config(dataclasses.replace(self.cfg, text_encoder=text_cfg), tmp / CONFIG_FILE)
+            for name in COMPONENTS:
+                save_weights(getattr(self, name), tmp / f"{name}.safetensors")
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | str | None = None) -> "Pipeline":
@@ -149,15 +145,15 @@ class Pipeline:
         """Raise PipelineError with a one-line fix for any out-of-range argument."""
         f = self.vae_factor
         if sampler not in ("ddim", "ddpm"):
-            raise PipelineError(f"sampler must be 'ddim' or 'ddpm', got {sampler!r}")
+            raise BadRequest(f"sampler must be 'ddim' or 'ddpm', got {sampler!r}")
         if not 1 <= steps <= self.cfg.schedule.num_train_timesteps:
-            raise PipelineError(f"steps must be between 1 and {self.cfg.schedule.num_train_timesteps}, got {steps}")
+            raise BadRequest(f"steps must be between 1 and {self.cfg.schedule.num_train_timesteps}, got {steps}")
         if guidance < 0:
-            raise PipelineError(f"guidance must be >= 0, got {guidance}")
+            raise BadRequest(f"guidance must be >= 0, got {guidance}")
         if not 0.0 <= eta <= 1.0:
-            raise PipelineError(f"eta must be in [0, 1], got {eta}")
+            raise BadRequest(f"eta must be in [0, 1], got {eta}")
         if height < f or width < f or height % f or width % f:
-            raise PipelineError(f"height and width must be positive multiples of the VAE factor {f}, got {height}x{width}")
+            raise BadRequest(f"height and width must be positive multiples of the VAE factor {f}, got {height}x{width}")
 
     @torch.no_grad()
     def generate(

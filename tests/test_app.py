@@ -164,8 +164,6 @@ def test_main_binds_localhost_by_default(tiny_model_dir, monkeypatch):
     assert calls == [{"server_name": "127.0.0.1", "server_port": 7860, "share": False}]
 
 
-def test_missing_model_is_one_line_and_nonzero(tmp_path):
-    # SystemExit(str) prints the line to stderr and exits 1; tests/test_sample.py checks that in a real process.
-    with pytest.raises(SystemExit) as exc:
-        app.main(["--model", str(tmp_path / "nope")])
-    assert exc.value.code == f"error: model folder not found: {tmp_path / 'nope'}"
+def test_missing_model_is_one_line_and_nonzero(tmp_path, capsys):
+    assert app.main(["--model", str(tmp_path / "nope")]) == 1
+    assert capsys.readouterr().err == f"error: model folder not found: {tmp_path / 'nope'}\n"

@@ -19,8 +19,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from diffusion.config import PipelineConfig, UNetConfig, VAEConfig, from_dict, load_yaml
-from diffusion.unet import UNet
-from diffusion.vae import AutoencoderKL
+from diffusion.models.unet import UNet
+from diffusion.models.vae import AutoencoderKL
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = Path(__file__).with_name("bench_reference.safetensors")

@@ -257,28 +257,23 @@ def _stripes(w: int, h: int) -> Image.Image:
 
 
 def test_transform_shape_range_and_center_crop():
-    x = image_transform(_stripes(48, 16), 16, "center", False)
+    x = image_transform(_stripes(48, 16), 16, "center")
     assert x.shape == (3, 16, 16) and x.dtype == torch.float32
     assert x.min() >= -1 and x.max() <= 1
     assert torch.equal(x[:, 8, 8], torch.tensor([-1.0, 1.0, -1.0]))  # the green middle third
-    big = image_transform(_stripes(96, 32), 16, "center", False)  # resized shorter side first
+    big = image_transform(_stripes(96, 32), 16, "center")  # resized shorter side first
     assert big.shape == (3, 16, 16) and torch.allclose(big[:, 8, 8], torch.tensor([-1.0, 1.0, -1.0]), atol=0.02)
 
 
-def test_random_crop_and_flip_follow_config_and_torch_seed():
+def test_random_crop_follows_torch_seed():
     img = _stripes(48, 16)
     torch.manual_seed(0)
-    lefts = {tuple(image_transform(img, 16, "random", False)[:, 8, 0].tolist()) for _ in range(30)}
+    lefts = {tuple(image_transform(img, 16, "random")[:, 8, 0].tolist()) for _ in range(30)}
     assert len(lefts) > 1  # the crop moves
     torch.manual_seed(0)
-    a = image_transform(img, 16, "random", True)
+    a = image_transform(img, 16, "random")
     torch.manual_seed(0)
-    assert torch.equal(a, image_transform(img, 16, "random", True))
-
-    half = Image.fromarray(np.concatenate([np.zeros((8, 4, 3)), np.full((8, 4, 3), 255)], 1).astype(np.uint8))
-    left_values = {float(image_transform(half, 8, "center", True)[0, 0, 0]) for _ in range(30)}
-    assert left_values == {-1.0, 1.0}
-    assert {float(image_transform(half, 8, "center", False)[0, 0, 0]) for _ in range(10)} == {-1.0}
+    assert torch.equal(a, image_transform(img, 16, "random"))
 
 
 # ----------------------------------------------------------------------------- dataset
@@ -292,18 +287,16 @@ def _folder(root: Path, n: int = 4) -> Path:
     return root
 
 
-def test_dataset_items_captions_and_dropout(tmp_path):
+def test_dataset_items_and_captions(tmp_path):
     root = _folder(tmp_path / "d")
     index = index_folder(root, DataConfig())
-    ds = ImageCaptionDataset(index, DataConfig(resolution=8, caption_dropout=0.0))
+    ds = ImageCaptionDataset(index, DataConfig(resolution=8, caption_dropout=1.0, flip=True))
     item = ds[1]
     assert item["pixels"].shape == (3, 8, 8) and item["index"] == 1
-    assert {ds[1]["caption"] for _ in range(40)} == {"caption 1", "alt 1"}
+    # No augmentation here: training draws flips and captions from its own generator (diffusion.train.augment).
+    assert {ds[1]["caption"] for _ in range(10)} == {"caption 1"} and all(torch.equal(ds[1]["pixels"], item["pixels"]) for _ in range(5))
     assert ds.captions(1) == ["caption 1", "alt 1"]
-    dropped = ImageCaptionDataset(index.items, DataConfig(resolution=8, caption_dropout=1.0))
-    assert dropped[0]["caption"] == ""
-    evaluation = ImageCaptionDataset(index, DataConfig(resolution=8, caption_dropout=1.0, flip=True), train=False)
-    assert {evaluation[2]["caption"] for _ in range(10)} == {"caption 2"}
+    evaluation = ImageCaptionDataset(index, DataConfig(resolution=8), train=False)
     assert torch.equal(evaluation.pixels_for_cache(2), evaluation[2]["pixels"])
     with pytest.raises(ValueError, match="crop=center"):
         ImageCaptionDataset(index, DataConfig(crop="random")).pixels_for_cache(0)
@@ -326,7 +319,7 @@ def test_dataset_survives_a_file_that_breaks_mid_epoch(tmp_path, caplog):
 def test_report_cli(messy):
     # One real `python -m` run (most of its time is importing torch); the exit codes are checked in-process below.
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "diffusion.data", str(messy)]
+    cmd = [sys.executable, "-m", "diffusion.data", "check", str(messy)]
     run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
     assert run.returncode == 0, run.stderr
     lines = run.stdout.splitlines()
@@ -336,15 +329,15 @@ def test_report_cli(messy):
 
 
 def test_report_cli_flags_and_exit_codes(messy, tmp_path, capsys):
-    assert report_main([str(messy), "--missing-caption", "empty", "--min-size", "2"]) == 0
+    assert report_main(["check", str(messy), "--missing-caption", "empty", "--min-size", "2"]) == 0
     assert capsys.readouterr().out.splitlines()[-1] == f"usable: {len(GOOD) + 3}  skipped: {len(BAD) - 1}"
 
     for folder, message in [(tmp_path / "nope", "not found"), (tmp_path, "no images")]:
-        assert report_main([str(folder)]) == 1
+        assert report_main(["check", str(folder)]) == 1
         out = capsys.readouterr()
         assert out.out == "" and len(out.err.strip().splitlines()) == 1 and message in out.err
 
     (tmp_path / "fake.png").write_text("not an image")
-    assert report_main([str(tmp_path)]) == 1  # nothing usable: the report, then one error line
+    assert report_main(["check", str(tmp_path)]) == 1  # nothing usable: the report, then one error line
     out = capsys.readouterr()
     assert out.out.splitlines()[-1] == "usable: 0  skipped: 1" and len(out.err.strip().splitlines()) == 1

@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from diffusion.config import TextEncoderConfig, UNetConfig, VAEConfig
-from diffusion.text import TextEncoder
-from diffusion.unet import UNet
-from diffusion.vae import AutoencoderKL, DiagonalGaussian
-from diffusion.weights import WeightsError, save_weights
+from diffusion.models.text import TextEncoder
+from diffusion.models.unet import UNet
+from diffusion.models.vae import AutoencoderKL, DiagonalGaussian
+from diffusion.io.weights import WeightsError, save_weights
 
 
 def tiny_unet(**kw) -> UNet:

@@ -10,8 +10,8 @@ from diffusion.config import ScheduleConfig, TextEncoderConfig, UNetConfig
 from diffusion.infotext import JSON_KEY, GenerationParams
 from diffusion.pipeline import Pipeline, PipelineError, load_pipeline
 from diffusion.schedule import NoiseSchedule, diffusion_loss
-from diffusion.text import TextEncoder
-from diffusion.unet import UNet
+from diffusion.models.text import TextEncoder
+from diffusion.models.unet import UNet
 
 
 def pixels(images):

@@ -19,14 +19,13 @@ from diffusion.data import (
     SHAPES,
     all_prompts,
     caption,
-    classify,
     ensure_shapes,
     generate_shapes,
     index_folder,
     parse_caption,
-    score,
 )
 from diffusion.data.shapes import draw_shape
+from diffusion.eval.shapes import classify, score
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -170,10 +169,10 @@ def test_ensure_shapes_refuses_a_folder_made_with_other_settings(tmp_path):
 
 
 def test_evaluate_cli(tmp_path, capsys):
-    from diffusion.data.evaluate import main
+    from diffusion.eval.__main__ import main
 
     generate_shapes(tmp_path, 10, seed=5)
-    assert main([str(tmp_path)]) == 0
+    assert main(["folder", str(tmp_path)]) == 0
     assert capsys.readouterr().out.strip() == (
         "n=10  color 100.0%  shape 100.0%  position 100.0%  all 100.0%  shape+fill 100.0%"
     )
@@ -181,9 +180,9 @@ def test_evaluate_cli(tmp_path, capsys):
 
 def test_cli(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "diffusion.data.shapes", str(tmp_path / "out"), "--num", "10", "--seed", "2"]
+    cmd = [sys.executable, "-m", "diffusion.data", "shapes", str(tmp_path / "out"), "--num", "10", "--seed", "2"]
     run = subprocess.run(cmd + ["--held-out", "red circle", "green square"], capture_output=True, text=True, env=env)
     assert run.returncode == 0, run.stderr
     assert len(list((tmp_path / "out").glob("*.png"))) == 10 and len(list((tmp_path / "out").glob("*.txt"))) == 10
     again = subprocess.run(cmd, capture_output=True, text=True, env=env)  # refuses to overwrite
-    assert again.returncode != 0 and "not empty" in again.stderr
+    assert again.returncode == 1 and "not empty" in again.stderr and len(again.stderr.strip().splitlines()) == 1

@@ -19,7 +19,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from diffusion.training import ShardedOrder, TrainError, latest_checkpoint, list_checkpoints, load_checkpoint, write_checkpoint
+from diffusion.errors import TrainError
+from diffusion.train.checkpoints import latest_checkpoint, list_checkpoints, load_checkpoint, write_checkpoint
+from diffusion.train.order import ShardedOrder
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -265,7 +267,7 @@ def test_latent_cache_is_reused_until_the_data_or_the_vae_changes(tmp_path, tiny
     import dataclasses
     from types import SimpleNamespace
 
-    import diffusion.training as training
+    import diffusion.train.cache as training
     from diffusion.data import ImageCaptionDataset, generate_shapes, index_folder
     from diffusion.pipeline import Pipeline
 
@@ -351,10 +353,8 @@ def test_eval_every_needs_the_shapes_data_and_a_sane_value(capsys):
 
 def test_text_encoder_gets_its_own_learning_rate(tiny_pipeline):
     from diffusion.config import TrainingConfig
-    from diffusion.training import Denoiser
+    from diffusion.train.ldm_stage import Denoiser, param_groups
 
-    train_main(["--help"])  # loads train.py as a module
-    param_groups = sys.modules["train_script"].param_groups
     model = Denoiser(tiny_pipeline.unet, tiny_pipeline.text_encoder)
     unet_group, text_group = param_groups(model, TrainingConfig(lr=1e-3, text_encoder_lr=1e-4))
     assert (unet_group["lr"], text_group["lr"]) == (1e-3, 1e-4)

@@ -31,13 +31,11 @@ _EXPORTS = {
         "generate_shapes",
         "parse_caption",
     ],
-    "evaluate": ["classify", "format_score", "score"],
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_MODULE_OF)
 
 if TYPE_CHECKING:
-    from diffusion.data.evaluate import classify, format_score, score
     from diffusion.data.folder import (
         CAPTION_EXTENSIONS,
         IMAGE_EXTENSIONS,

@@ -1,47 +1,89 @@
-"""`python -m diffusion.data FOLDER`: index an image-caption folder and print its report, without training.
+"""Prepare and inspect training data.
 
-Exits 0 when at least one pair is usable, 1 (with one line on stderr) when none is or the folder is
-missing or empty.
+    python -m diffusion.data check FOLDER [--missing-caption error|empty|skip] [--min-size N]
+    python -m diffusion.data shapes OUT [--num 2000] [--size 32] [--seed 0] [--held-out "red circle" ...]
+
+`check` indexes an image-caption folder and prints what training would use and what it would skip,
+and why; it fails (exit 1) when nothing is usable. `shapes` writes the built-in shapes folder.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
+from pathlib import Path
 from typing import Sequence
 
+from diffusion.cli import ArgumentParser, run_main
 from diffusion.config import DataConfig
-from diffusion.data.folder import DataError, index_folder
+from diffusion.errors import UsageError
 
 _DEFAULTS = DataConfig()
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m diffusion.data",
-        description="Report what training would use from an image-caption folder, and what it would skip and why.",
-    )
-    parser.add_argument("folder")
-    parser.add_argument(
+def parse_args(argv: Sequence[str] | None):
+    parser = ArgumentParser(prog="python -m diffusion.data", description="Prepare and inspect training data.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    check = commands.add_parser("check", help="report what training would use from an image-caption folder")
+    check.add_argument("folder")
+    check.add_argument(
         "--missing-caption", choices=("error", "empty", "skip"), default=_DEFAULTS.missing_caption,
         help=f"policy for images without a caption (default {_DEFAULTS.missing_caption})",
     )
-    parser.add_argument(
+    check.add_argument(
         "--min-size", type=int, default=_DEFAULTS.min_size,
         help=f"skip images with a side below this many pixels (default {_DEFAULTS.min_size})",
     )
-    args = parser.parse_args(argv)
-    cfg = DataConfig(path=args.folder, missing_caption=args.missing_caption, min_size=args.min_size)
-    try:
-        index = index_folder(args.folder, cfg, strict=False)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    shapes = commands.add_parser("shapes", help="write the built-in shapes image-caption folder")
+    shapes.add_argument("out", help="output folder (must be missing or empty)")
+    shapes.add_argument("--num", type=int, default=2000, help="number of images (default 2000)")
+    shapes.add_argument("--size", type=int, default=32, help="image side in pixels (default 32)")
+    shapes.add_argument("--seed", type=int, default=0, help="the same seed gives the same bytes (default 0)")
+    shapes.add_argument(
+        "--held-out", action="extend", nargs="+", default=[], metavar="PAIR",
+        help='(color, shape) pairs to keep out, e.g. --held-out "red circle" "blue square"',
+    )
+    for sub in (check, shapes):
+        sub.error = parser.error  # one line and exit 2 from the subcommands too
+    return parser.parse_args(argv)
+
+
+def check_folder(folder: str, missing_caption: str, min_size: int) -> None:
+    from diffusion.data.folder import DataError, index_folder
+
+    index = index_folder(folder, DataConfig(path=folder, missing_caption=missing_caption, min_size=min_size), strict=False)
     print(index.report())
     if not index.items:
-        print(f"error: no usable image-caption pairs in {args.folder}", file=sys.stderr)
-        return 1
-    return 0
+        raise DataError(f"no usable image-caption pairs in {folder}")
+
+
+def write_shapes(out: Path, num: int, size: int, seed: int, held_out: list[str]) -> None:
+    from diffusion.data.folder import DataError
+    from diffusion.data.shapes import generate_folder, parse_pair
+
+    if num < 1 or size < 8:
+        raise UsageError(f"need --num >= 1 and --size >= 8, got --num {num} --size {size}")
+    try:
+        for pair in held_out:
+            parse_pair(pair)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise DataError(f"{out} exists and is not empty; choose a new folder")
+    generate_folder(out, num, size, seed, held_out)
+    held = f", held out: {', '.join(held_out)}" if held_out else ""
+    print(f"wrote {num} images ({size}x{size}, seed {seed}{held}) to {out}")
+
+
+def run(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.command == "check":
+        check_folder(args.folder, args.missing_caption, args.min_size)
+    else:
+        write_shapes(Path(args.out), args.num, args.size, args.seed, args.held_out)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_main(run, argv)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from diffusion.errors import ToolkitError
 from diffusion.config import DataConfig
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,7 @@ SHOW_PATHS = 3  # paths listed per skip reason in the report
 Item = tuple[Path, list[str]]
 
 
-class DataError(ValueError):
+class DataError(ToolkitError, ValueError):
     """A dataset that cannot be trained on. The message is one line, fit to print as the CLI's error."""
 
 
@@ -149,13 +150,12 @@ def image_transform(
     img: Image.Image,
     resolution: int,
     crop: str = "center",
-    flip: bool = False,
     generator: Optional[torch.Generator] = None,
 ) -> torch.Tensor:
-    """Resize the shorter side to `resolution`, crop a square, maybe flip; returns (3, R, R) in [-1, 1].
+    """Resize the shorter side to `resolution` and crop a square; returns (3, R, R) in [-1, 1].
 
-    crop is "center" or "random"; flip=True flips horizontally with probability 0.5. Random draws use
-    torch's RNG (or `generator`), so the trainer's seeding makes them reproducible.
+    crop is "center" or "random". A random crop draws from torch's RNG (or `generator`), so the
+    trainer's seeding makes it reproducible.
     """
     if crop not in ("center", "random"):
         raise ValueError(f"crop must be 'center' or 'random', got {crop!r}")
@@ -170,10 +170,7 @@ def image_transform(
         left = int(torch.randint(new_w - resolution + 1, (1,), generator=generator))
         top = int(torch.randint(new_h - resolution + 1, (1,), generator=generator))
     img = img.crop((left, top, left + resolution, top + resolution))
-    x = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).float() / 127.5 - 1.0  # (3, R, R)
-    if flip and torch.rand((), generator=generator) < 0.5:
-        x = x.flip(-1)
-    return x
+    return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).float() / 127.5 - 1.0  # (3, R, R)
 
 
 @contextmanager
@@ -378,12 +375,11 @@ def index_folder(path: Union[str, Path], cfg: DataConfig, strict: bool = True) -
 
 
 class ImageCaptionDataset(torch.utils.data.Dataset):
-    """(pixels, caption) pairs from an indexed folder.
+    """(pixels, first caption, index) of an indexed folder's items.
 
-    In train mode each access draws, from torch's RNG: one of the image's captions, caption dropout
-    (the caption becomes "" with probability cfg.caption_dropout, for classifier-free guidance), a random
-    crop (cfg.crop == "random") and a horizontal flip (cfg.flip). With train=False every access is the
-    same: first caption, center crop, no flip, no dropout.
+    In train mode with cfg.crop == "random", each access draws a random crop from torch's RNG; otherwise
+    every access is the same center crop. Flips, the choice among several captions and caption dropout
+    are drawn by training from its own generator (`diffusion.train.augment`), not here.
 
     A file that fails to load mid-epoch is warned about once and replaced by the next loadable item,
     so training goes on; "index" in the returned dict names the item actually returned.
@@ -424,14 +420,8 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
                 break
         else:
             raise DataError("no image in the dataset can be loaded any more")
-        cfg, captions = self.cfg, self.items[j][1]
-        if not self.train:
-            return {"pixels": image_transform(img, cfg.resolution), "caption": captions[0], "index": j}
-        pixels = image_transform(img, cfg.resolution, cfg.crop, cfg.flip)
-        text = captions[int(torch.randint(len(captions), (1,)))] if len(captions) > 1 else captions[0]
-        if cfg.caption_dropout > 0 and float(torch.rand(())) < cfg.caption_dropout:
-            text = ""
-        return {"pixels": pixels, "caption": text, "index": j}
+        crop = self.cfg.crop if self.train else "center"
+        return {"pixels": image_transform(img, self.cfg.resolution, crop), "caption": self.items[j][1][0], "index": j}
 
     def pixels_for_cache(self, i: int) -> Optional[torch.Tensor]:
         """Item i's un-augmented pixels (3, R, R): center crop, no flip; flip the result for the mirrored copy.

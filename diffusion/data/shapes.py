@@ -1,28 +1,24 @@
 """The built-in shapes dataset: one colored shape on black, captioned with its color, shape and position.
 
 It exists so that a CPU-only newcomer can train a model that visibly follows its prompts, and so that
-we can measure that it does (see `diffusion.data.evaluate`). The output is an ordinary image-caption
+we can measure that it does (see `diffusion.eval.shapes`). The output is an ordinary image-caption
 folder (`00000.png` + `00000.txt`), so it goes through exactly the same loader as user data.
 
-    python -m diffusion.data.shapes data/shapes --num 2000 --size 32 --seed 0 --held-out "red circle"
+    python -m diffusion.data shapes data/shapes --num 2000 --size 32 --seed 0 --held-out "red circle"
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import random
 import re
-import shutil
-import sys
-import tempfile
 from pathlib import Path
 from typing import Iterable, Sequence
 
 from PIL import Image, ImageDraw
 
 from diffusion.config import DataConfig
+from diffusion.io.atomic import atomic_folder
 
 # The palette is part of the dataset's definition: the evaluator classifies colors against it.
 COLORS: dict[str, tuple[int, int, int]] = {
@@ -160,27 +156,15 @@ def _is_empty(path: Path) -> bool:
     return not path.exists() or (path.is_dir() and not any(path.iterdir()))
 
 
-def _generate_atomically(out: Path, num: int, size: int, seed: int, held_out: Sequence[str]) -> bool:
-    """Generate into a sibling temp dir, then rename it onto `out`; False if another process won the race.
+def generate_folder(out: Path, num: int, size: int, seed: int, held_out: Sequence[str]) -> None:
+    """Generate the dataset and its recipe into a temporary folder that becomes `out` whole.
 
     A crash never leaves a half-written dataset behind, and several ranks can call this at once with no
-    collective: each writes identical bytes and exactly one rename succeeds.
+    collective: each writes identical bytes and the first to finish is kept.
     """
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_folder(out, replace=False) as tmp:
         generate_shapes(tmp, num, size, seed, held_out)
         (tmp / RECIPE_FILE).write_text(json.dumps(_recipe(num, size, seed, held_out)) + "\n", encoding="utf-8")
-        if out.is_dir() and _is_empty(out):
-            out.rmdir()  # rename cannot replace an existing directory portably
-        os.rename(tmp, out)
-        return True
-    except OSError:
-        if _is_empty(out):
-            raise
-        return False  # someone else finished first; their copy is identical
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _recipe(num: int, size: int, seed: int, held_out: Sequence[str]) -> dict:
@@ -200,7 +184,8 @@ def ensure_shapes(cfg: DataConfig) -> bool:
     if not _is_empty(out):
         _check_recipe(out, _recipe(s.num, cfg.resolution, s.seed, s.held_out))
         return False
-    return _generate_atomically(out, s.num, cfg.resolution, s.seed, s.held_out)
+    generate_folder(out, s.num, cfg.resolution, s.seed, s.held_out)
+    return True
 
 
 def _check_recipe(out: Path, want: dict) -> None:
@@ -217,39 +202,3 @@ def _check_recipe(out: Path, want: dict) -> None:
                 f"{out} holds shapes generated with {name}={have.get(key)}, but the config asks for {want[key]}; "
                 "set data.path to a new folder, or delete this one to regenerate it"
             )
-
-
-# ----------------------------------------------------------------------------- CLI
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m diffusion.data.shapes", description="Write the built-in shapes image-caption folder."
-    )
-    parser.add_argument("out", help="output folder (must be missing or empty)")
-    parser.add_argument("--num", type=int, default=2000, help="number of images (default 2000)")
-    parser.add_argument("--size", type=int, default=32, help="image side in pixels (default 32)")
-    parser.add_argument("--seed", type=int, default=0, help="the same seed gives the same bytes (default 0)")
-    parser.add_argument(
-        "--held-out", action="extend", nargs="+", default=[], metavar="PAIR",
-        help='(color, shape) pairs to keep out, e.g. --held-out "red circle" "blue square"',
-    )
-    args = parser.parse_args(argv)
-    out = Path(args.out)
-    try:
-        for pair in args.held_out:
-            parse_pair(pair)
-        if not _is_empty(out):
-            raise ValueError(f"{out} exists and is not empty; choose a new folder")
-        if not _generate_atomically(out, args.num, args.size, args.seed, args.held_out):
-            raise ValueError(f"{out} was created by another process while generating")
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    held = f", held out: {', '.join(args.held_out)}" if args.held_out else ""
-    print(f"wrote {args.num} images ({args.size}x{args.size}, seed {args.seed}{held}) to {out}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .config import UNetConfig
-from .nn import Downsample, ResBlock, SpatialTransformer, Upsample, norm_silu, timestep_embedding, zero_module
+from ..config import UNetConfig
+from .layers import Downsample, ResBlock, SpatialTransformer, Upsample, norm_silu, timestep_embedding, zero_module
 
 
 class UNetBlock(nn.Module):

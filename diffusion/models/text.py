@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import TextEncoderConfig
-from .weights import load_weights_file, load_state_dict_checked
+from ..config import TextEncoderConfig
+from ..io.weights import load_weights_file, load_state_dict_checked
 
 
 def _import_open_clip():

@@ -17,16 +17,13 @@ tolerate imperfect samples (a noisy or grey background, soft edges, stray specks
    square to fill at least `SQUARE_FILL` of its box, and a circle or triangle to fill less.
 
 An image with no clear foreground gets None for every attribute, which never matches a prompt.
-
-    python -m diffusion.data.evaluate FOLDER   # score an image-caption folder (e.g. saved samples)
+`python -m diffusion.eval folder FOLDER` scores an image-caption folder (e.g. saved samples).
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
 from collections import deque
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 from PIL import Image
@@ -222,28 +219,3 @@ def format_score(result: dict[str, Any]) -> str:
     """One line such as `n=300  color 100.0%  shape 99.3%  position 100.0%  all 99.3%  shape+fill 98.0%`."""
     parts = [f"{a} {100 * result[a]:.1f}%" for a in ATTRIBUTES + ("all",)]
     return f"n={result['n']}  " + "  ".join(parts) + f"  shape+fill {100 * result['shape_fill']:.1f}%"
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m diffusion.data.evaluate",
-        description="Score an image-caption folder of shapes images (e.g. model samples) with the pixel evaluator.",
-    )
-    parser.add_argument("folder")
-    args = parser.parse_args(argv)
-    # Imported here: the folder loader pulls in torch, which classify() and score() do not need.
-    from diffusion.config import DataConfig
-    from diffusion.data.folder import DataError, index_folder, load_image
-
-    try:
-        index = index_folder(args.folder, DataConfig(path=args.folder, missing_caption="skip"))
-        images = [load_image(path) for path, _ in index.items]
-        print(format_score(score(images, [caps[0] for _, caps in index.items])))
-    except (DataError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

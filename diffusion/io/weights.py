@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+import hashlib
 from pathlib import Path
 
 import torch
@@ -10,8 +10,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..errors import ToolkitError
+from .atomic import atomic_file
 
-class WeightsError(ValueError):
+
+class WeightsError(ToolkitError, ValueError):
     """A weights file that is unreadable or does not fit the model."""
 
 
@@ -66,7 +69,17 @@ def save_weights(module_or_state: nn.Module | dict, path: str | Path) -> None:
     state = module_or_state.state_dict() if isinstance(module_or_state, nn.Module) else module_or_state
     # safetensors refuses shared or non-contiguous storage; clone to plain contiguous tensors.
     state = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(state, str(tmp))
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        save_file(state, str(tmp))
+
+
+def state_hash(module_or_state: nn.Module | dict) -> str:
+    """SHA-256 of a state dict's names, dtypes, shapes and bytes: equal hashes, equal weights."""
+    state = module_or_state.state_dict() if isinstance(module_or_state, nn.Module) else module_or_state
+    h = hashlib.sha256()
+    for k in sorted(state):
+        v = state[k].detach().cpu().contiguous()
+        h.update(f"{k}:{v.dtype}:{tuple(v.shape)}".encode())
+        # flatten first: a size-1 last dim may carry any stride, which view(uint8) refuses
+        h.update(v.reshape(-1).view(torch.uint8).numpy().tobytes() if v.numel() else b"")
+    return h.hexdigest()

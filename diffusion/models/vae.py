@@ -14,8 +14,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .config import VAEConfig
-from .nn import Downsample, ResBlock, SelfAttention2d, Upsample, norm_silu
+from ..config import VAEConfig
+from .layers import Downsample, ResBlock, SelfAttention2d, Upsample, norm_silu
 
 
 class DiagonalGaussian:

@@ -1,0 +1,1 @@
+"""Files: weights (safetensors, never pickled), the atomic write-then-rename, and the VAE folder."""

@@ -1,0 +1,40 @@
+"""The random choices made per training image, drawn in one place from the run's own generator.
+
+Whether latents come from the cache or are encoded on the fly, and in both stages, a batch draws its
+flips first (only with data.flip) and its captions after the latents, so the same seed makes the same
+choices either way, and a resumed run makes them again exactly. (A random crop is drawn by the
+dataset, in its DataLoader workers, which `epoch_loader` seeds per epoch.)
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import DataConfig
+
+
+class Augmentation:
+    """Horizontal flips, and one caption per image with caption dropout (for classifier-free guidance)."""
+
+    def __init__(self, dataset, cfg: DataConfig):
+        self.dataset, self.cfg = dataset, cfg
+
+    def flips(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        """(n,) bool on the generator's device: which images to mirror. All False without data.flip."""
+        if not self.cfg.flip:
+            return torch.zeros(n, dtype=torch.bool, device=generator.device)
+        return torch.randint(2, (n,), generator=generator, device=generator.device).bool()
+
+    def captions(self, indices: list[int], generator: torch.Generator) -> list[str]:
+        """One of each image's captions, replaced by "" with probability data.caption_dropout."""
+        pick, drop = torch.rand(2, len(indices), generator=generator, device=generator.device).tolist()
+        out = []
+        for i, u, d in zip(indices, pick, drop):
+            caps = self.dataset.captions(i)
+            out.append("" if d < self.cfg.caption_dropout else caps[min(int(u * len(caps)), len(caps) - 1)])
+        return out
+
+
+def mirror(x: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
+    """x (B, ..., W) with the images where flips is True mirrored left-right."""
+    return torch.where(flips.view(-1, *[1] * (x.dim() - 1)), x.flip(-1), x)

@@ -1,0 +1,123 @@
+"""Setting up a training run: the output folder's policy, the saved config, Accelerate, the data, then the stages."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+
+from ..config import Config, load_config, load_yaml, save_config, to_dict
+from ..data import ensure_shapes, index_folder
+from ..errors import TrainError, warn
+from .loop import Run, run_loop
+from .metrics import MetricsLogger
+from .signals import StopRequest
+
+
+def train(config: str, overrides: list[str], stage: str = "all", resume: bool = False, overwrite: bool = False) -> None:
+    """Run the stages that `stage` asks for ("vae", "ldm" or "all") under the config file plus overrides."""
+    from .ldm_stage import LDMStage
+    from .vae_stage import VAEStage
+
+    cfg = load_config(config, overrides)
+    out = Path(cfg.output_dir)
+    accelerator = make_accelerator(cfg, out)
+    stages = stages_to_run(stage, cfg, out, resume)
+    prepare_output_dir(out, stages, accelerator, resume, overwrite)
+    if accelerator.is_main_process:
+        save_run_config(cfg, out)
+        if stage != "ldm" and "vae" not in stages:
+            vae = cfg.vae_training.pretrained or f"{out / 'vae'} (finished)"
+            print(f"skipping the VAE stage: using {vae}", file=sys.stderr)
+    index = load_data(cfg, accelerator)
+    logger = MetricsLogger(out / "metrics.jsonl", accelerator, trackers=bool(accelerator.trackers))
+    run = Run(cfg, out, accelerator, index, resume, logger, StopRequest())
+    for name in stages:
+        if not run_loop(run, VAEStage(run) if name == "vae" else LDMStage(run)):
+            break
+    accelerator.end_training()
+
+
+def stages_to_run(stage: str, cfg: Config, out: Path, resume: bool) -> list[str]:
+    vae_done = resume and (out / "vae" / "vae.yaml").is_file()
+    vae = stage in ("vae", "all") and not cfg.vae_training.pretrained and not vae_done
+    return (["vae"] if vae else []) + (["ldm"] if stage in ("ldm", "all") else [])
+
+
+def stage_outputs(out: Path, stage: str) -> list[Path]:
+    """What a stage writes; a folder holding any of it holds a run of that stage."""
+    if stage == "vae":
+        return [out / "vae"]
+    return [out / "checkpoints", out / "model", out / "samples"]
+
+
+def prepare_output_dir(out: Path, stages: list[str], accelerator: Accelerator, resume: bool, overwrite: bool) -> None:
+    """Refuse to overwrite a previous run unless resume or overwrite; with overwrite, clear it."""
+    held = [p for s in stages for p in stage_outputs(out, s) if p.exists() and any(p.iterdir())]
+    if held and not (resume or overwrite):
+        raise TrainError(
+            f"{out} already holds a training run ({held[0].name}/); pass --resume to continue it or --overwrite to start over"
+        )
+    accelerator.wait_for_everyone()  # every rank has looked before anything is deleted
+    if overwrite and accelerator.is_main_process:
+        for path in held:
+            shutil.rmtree(path)
+        for stage in stages:
+            MetricsLogger(out / "metrics.jsonl", accelerator).truncate(stage, after_step=-1)
+    accelerator.wait_for_everyone()
+
+
+def save_run_config(cfg: Config, out: Path) -> None:
+    """Write config.yaml; when resuming under a changed config, say which keys changed."""
+    path = out / "config.yaml"
+    if path.is_file():
+        old, new = _flatten(load_yaml(path)), _flatten(to_dict(cfg))
+        changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+        if changed:
+            warn(f"the config differs from the one saved in {path}: {', '.join(changed[:5])}")
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, path)
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    flat = {}
+    for k, v in d.items():
+        flat.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+    return flat
+
+
+def load_data(cfg: Config, accelerator: Accelerator):
+    """Index the data folder on every rank (deterministic, no collective), generating shapes data first if asked."""
+    # One process per machine generates (the same bytes everywhere); the others wait, then find it there.
+    with accelerator.local_main_process_first():
+        if accelerator.is_local_main_process and ensure_shapes(cfg.data):
+            print(f"generated {cfg.data.shapes.num} shapes images in {cfg.data.path}", file=sys.stderr)
+    index = index_folder(cfg.data.path, cfg.data)
+    if accelerator.is_main_process:
+        print(index.report(), file=sys.stderr)
+    return index
+
+
+def make_accelerator(cfg: Config, out: Path) -> Accelerator:
+    use_tb = cfg.training.tensorboard
+    if use_tb:
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            warn("training.tensorboard is set but tensorboard is not installed; metrics.jsonl only")
+            use_tb = False
+    try:
+        accelerator = Accelerator(
+            mixed_precision=cfg.training.mixed_precision,
+            cpu=not torch.cuda.is_available(),  # makes torchrun on CPUs use gloo data parallelism
+            log_with="tensorboard" if use_tb else None,
+            project_dir=str(out),
+        )
+    except (ValueError, RuntimeError) as e:
+        raise TrainError(f"cannot set up Accelerate: {e}") from None
+    if use_tb:
+        accelerator.init_trackers("tensorboard")
+    return accelerator
