@@ -43,6 +43,29 @@ def model_card(pipeline: Pipeline) -> str:
     return " · ".join(lines)
 
 
+def generate_gallery(pipeline: Pipeline, prompt, negative_prompt, sampler, steps, guidance, eta, seed, num_images, height, width, progress):
+    """One request: (gallery of (image, infotext), the seed used, all infotexts); bad values become a visible gr.Error."""
+    try:
+        seed = resolve_seed(int(seed), int(num_images))
+        images = pipeline.generate(
+            [prompt or ""] * int(num_images),
+            negative_prompt=negative_prompt or "",
+            sampler=sampler,
+            steps=int(steps),
+            guidance=float(guidance),
+            eta=float(eta),
+            seed=seed,
+            height=int(height),
+            width=int(width),
+            batch_size=MAX_IMAGES,
+            progress=lambda done, total: progress((done, total), desc="Denoising", unit="steps"),
+        )
+    except ToolkitError as e:
+        raise gr.Error(str(e), title="Check the settings", print_exception=False) from None
+    params = [image.info["parameters"] for image in images]
+    return list(zip(images, params)), seed, "\n\n".join(params)
+
+
 def build_demo(pipeline: Pipeline) -> gr.Blocks:
     """The demo's Blocks, with the queue set up; the caller launches it."""
     cfg = pipeline.cfg
@@ -50,25 +73,7 @@ def build_demo(pipeline: Pipeline) -> gr.Blocks:
     max_side = max(res * MAX_SIZE_RATIO, f)
 
     def generate(prompt, negative_prompt, sampler, steps, guidance, eta, seed, num_images, height, width, progress=gr.Progress()):
-        try:
-            seed = resolve_seed(int(seed), int(num_images))
-            images = pipeline.generate(
-                [prompt or ""] * int(num_images),
-                negative_prompt=negative_prompt or "",
-                sampler=sampler,
-                steps=int(steps),
-                guidance=float(guidance),
-                eta=float(eta),
-                seed=seed,
-                height=int(height),
-                width=int(width),
-                batch_size=MAX_IMAGES,
-                progress=lambda done, total: progress((done, total), desc="Denoising", unit="steps"),
-            )
-        except ToolkitError as e:
-            raise gr.Error(str(e), title="Check the settings", print_exception=False) from None
-        params = [image.info["parameters"] for image in images]
-        return list(zip(images, params)), seed, "\n\n".join(params)
+        return generate_gallery(pipeline, prompt, negative_prompt, sampler, steps, guidance, eta, seed, num_images, height, width, progress)
 
     with gr.Blocks(title=f"{cfg.info.name} · text to image") as demo:
         gr.Markdown(f"## Text to image\n{model_card(pipeline)}")

@@ -185,46 +185,45 @@ class Pipeline:
         height, width = res if height is None else height, res if width is None else width
         self.check_args(steps, guidance, eta, height, width, sampler)
 
-        T = self.cfg.schedule.num_train_timesteps
-        timesteps = inference_timesteps(T, steps, d.timestep_spacing, d.steps_offset).to(self.device)
-        abar = self.schedule.alphas_cumprod
-        final_abar = 1.0 if d.final_alpha_one else abar[0]
+        timesteps = inference_timesteps(self.cfg.schedule.num_train_timesteps, steps, d.timestep_spacing, d.steps_offset)
         latent_shape = (self.cfg.vae.latent_channels, height // self.vae_factor, width // self.vae_factor)
         # The unconditional (or negative-prompt) embedding is the same for every batch and step.
         uncond = self.text_encoder.encode([negative_prompt]).to(self.dtype) if guidance != 1.0 else None
-
         images: list[Image.Image] = []
-        total, done = len(prompts) * steps, 0
+        total = len(prompts) * steps
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start : start + batch_size]
-            # CPU generators, so that a seed gives the same noise on every device and batch size.
-            generators = [torch.Generator().manual_seed(seed + start + i) for i in range(len(chunk))]
-            x_T = torch.stack([torch.randn(latent_shape, generator=g) for g in generators]).to(self.device, self.dtype)
-            context = self.text_encoder.encode(chunk).to(self.dtype)  # (B, L, D)
-            uncond_b = uncond.expand(len(chunk), -1, -1) if uncond is not None else None
-            model = classifier_free_guidance(self.unet, context, uncond_b, guidance)
-            if self.cfg.schedule.prediction_type == "v_prediction":
-                model = epsilon_from_v(model, abar)
 
-            def callback(i, t, x_t, _base=done, _n=len(chunk)):
+            def callback(i, t, x_t, _base=start * steps, _n=len(chunk)):
                 if progress is not None:  # counts image-steps, so it reaches `total` whatever the batch size
                     progress(_base + (i + 1) * _n, total)
 
-            if sampler == "ddim":
-                z0 = ddim(model, x_T, abar, timesteps, eta=eta, final_alpha_cumprod=final_abar, generators=generators, callback=callback)
-            else:
-                z0 = ddpm(model, x_T, abar, timesteps, generators=generators, callback=callback)
-            done += len(chunk) * steps
+            z0 = self._sample_batch(chunk, seed + start, uncond, guidance, sampler, timesteps.to(self.device), eta, latent_shape, callback)
             images += to_pil(self.decode(z0))
-
         for i, (image, prompt) in enumerate(zip(images, prompts)):
-            params = GenerationParams(
+            attach(image, GenerationParams(
                 prompt=prompt, negative_prompt=negative_prompt, steps=steps, sampler=sampler, guidance=guidance,
                 seed=seed + i, height=height, width=width, eta=eta, model_name=self.cfg.info.name, model_hash=self.model_hash,
                 batch_size=min(batch_size, len(prompts) - i // batch_size * batch_size), batch_pos=i % batch_size,
-            )
-            attach(image, params)
+            ))
         return images
+
+    def _sample_batch(self, prompts: list[str], first_seed: int, uncond, guidance: float, sampler: str,
+                      timesteps: torch.Tensor, eta: float, latent_shape: tuple[int, int, int], callback) -> torch.Tensor:
+        """Denoised latents z0 (B, C, h, w) for one batch; image i starts from the noise of seed first_seed + i."""
+        # CPU generators, so that a seed gives the same noise on every device and batch size.
+        generators = [torch.Generator().manual_seed(first_seed + i) for i in range(len(prompts))]
+        x_T = torch.stack([torch.randn(latent_shape, generator=g) for g in generators]).to(self.device, self.dtype)
+        context = self.text_encoder.encode(prompts).to(self.dtype)  # (B, L, D)
+        uncond_b = uncond.expand(len(prompts), -1, -1) if uncond is not None else None
+        model = classifier_free_guidance(self.unet, context, uncond_b, guidance)
+        abar = self.schedule.alphas_cumprod
+        if self.cfg.schedule.prediction_type == "v_prediction":
+            model = epsilon_from_v(model, abar)
+        if sampler == "ddpm":
+            return ddpm(model, x_T, abar, timesteps, generators=generators, callback=callback)
+        final_abar = 1.0 if self.cfg.sampling.final_alpha_one else abar[0]
+        return ddim(model, x_T, abar, timesteps, eta=eta, final_alpha_cumprod=final_abar, generators=generators, callback=callback)
 
     def regenerate(self, params: GenerationParams, progress: Callable[[int, int], None] | None = None) -> Image.Image:
         """The image `params` describes, pixel for pixel.

@@ -15,12 +15,12 @@ _EXPORTS = {
         "IMAGE_EXTENSIONS",
         "DataError",
         "FolderIndex",
-        "ImageCaptionDataset",
         "image_transform",
         "index_folder",
         "load_image",
         "to_rgb",
     ],
+    "dataset": ["ImageCaptionDataset"],
     "shapes": [
         "COLORS",
         "POSITIONS",
@@ -36,12 +36,12 @@ _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in nam
 __all__ = sorted(_MODULE_OF)
 
 if TYPE_CHECKING:
+    from diffusion.data.dataset import ImageCaptionDataset
     from diffusion.data.folder import (
         CAPTION_EXTENSIONS,
         IMAGE_EXTENSIONS,
         DataError,
         FolderIndex,
-        ImageCaptionDataset,
         image_transform,
         index_folder,
         load_image,

@@ -352,6 +352,14 @@ def index_folder(path: Union[str, Path], cfg: DataConfig, strict: bool = True) -
         index.items.append((image, captions))
         index.formats[fmt] += 1
 
+    _check_usable(index, cfg, strict)
+    return index
+
+
+def _check_usable(index: FolderIndex, cfg: DataConfig, strict: bool) -> None:
+    """Raise DataError for uncaptioned images under missing_caption "error" or for no usable pair (strict);
+    else leave a note for the report."""
+    root = index.root
     if not strict and cfg.missing_caption == "error" and index.uncaptioned:
         index.notes.append(
             f"note: training stops on the {len(index.uncaptioned)} images without a caption unless "
@@ -368,69 +376,3 @@ def index_folder(path: Union[str, Path], cfg: DataConfig, strict: bool = True) -
         kinds = Counter(reason.split(":")[0] for _, reason in index.skipped)
         why = ", ".join(f"{k} {n}" for k, n in kinds.most_common())
         raise DataError(f"no usable image-caption pairs in {root}: {len(index.skipped)} files skipped ({why})")
-    return index
-
-
-# ----------------------------------------------------------------------------- dataset
-
-
-class ImageCaptionDataset(torch.utils.data.Dataset):
-    """(pixels, first caption, index) of an indexed folder's items.
-
-    In train mode with cfg.crop == "random", each access draws a random crop from torch's RNG; otherwise
-    every access is the same center crop. Flips, the choice among several captions and caption dropout
-    are drawn by training from its own generator (`diffusion.train.augment`), not here.
-
-    A file that fails to load mid-epoch is warned about once and replaced by the next loadable item,
-    so training goes on; "index" in the returned dict names the item actually returned.
-    """
-
-    def __init__(self, source: Union[FolderIndex, Sequence[Item]], cfg: DataConfig, train: bool = True):
-        self.items: list[Item] = list(source.items if isinstance(source, FolderIndex) else source)
-        if not self.items:
-            raise DataError("the dataset is empty")
-        self.cfg = cfg
-        self.train = train
-        self._warned: set[Path] = set()  # per process: each DataLoader worker warns on its own
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def captions(self, i: int) -> list[str]:
-        """All captions of item i."""
-        return list(self.items[i][1])
-
-    def _load(self, i: int) -> Optional[Image.Image]:
-        """Item i's image, or None (warned once per file) when it no longer loads."""
-        path = self.items[i][0]
-        try:
-            return load_image(path, min_side=self.cfg.resolution)
-        except Exception as e:  # noqa: BLE001 - any decoder error must not stop training
-            if path not in self._warned:
-                self._warned.add(path)
-                log.warning("skipping %s: failed to load (%s); using the next image instead", path, e)
-            return None
-
-    def __getitem__(self, i: int) -> dict:
-        n = len(self.items)
-        for k in range(n):
-            j = (int(i) + k) % n
-            img = self._load(j)
-            if img is not None:
-                break
-        else:
-            raise DataError("no image in the dataset can be loaded any more")
-        crop = self.cfg.crop if self.train else "center"
-        return {"pixels": image_transform(img, self.cfg.resolution, crop), "caption": self.items[j][1][0], "index": j}
-
-    def pixels_for_cache(self, i: int) -> Optional[torch.Tensor]:
-        """Item i's un-augmented pixels (3, R, R): center crop, no flip; flip the result for the mirrored copy.
-
-        Only meaningful with cfg.crop == "center" (a random crop cannot be cached). Returns None, after a
-        warning, when the file no longer loads: drop the item from the cache rather than pair it with
-        another image's latents.
-        """
-        if self.cfg.crop != "center":
-            raise ValueError("latents can only be cached with data.crop=center; random crops change every epoch")
-        img = self._load(i)
-        return None if img is None else image_transform(img, self.cfg.resolution)
