@@ -129,6 +129,7 @@ def _chromium_or_skip():
     pytest.skip(f"{CHROMIUM} is missing and apt-get is not available to install it")
 
 
+@pytest.mark.slow
 def test_browser_generates_an_image(server):
     _chromium_or_skip()
     from playwright.sync_api import expect, sync_playwright

@@ -96,6 +96,7 @@ def test_bench_config_matches_diffusers_parameter_count():
     assert sum(p.numel() for p in UNet(cfg.unet).parameters()) == 18_150_852
 
 
+@pytest.mark.slow
 def test_bench_quick_runs():
     out = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "bench_unet.py"), "--quick"],

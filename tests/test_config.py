@@ -18,7 +18,8 @@ def test_required_keys_exist():
 
 @pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
 def test_shipped_configs_load(name):
-    load_config(ROOT / "configs" / name)
+    cfg = load_config(ROOT / "configs" / name)  # raises on an unknown key or a bad value
+    assert cfg.name == name.removesuffix(".yaml") and from_dict(Config, to_dict(cfg)) == cfg
 
 
 def test_dotted_overrides_are_typed():

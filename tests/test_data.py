@@ -316,6 +316,7 @@ def test_dataset_survives_a_file_that_breaks_mid_epoch(tmp_path, caplog):
 # ----------------------------------------------------------------------------- report CLI
 
 
+@pytest.mark.slow
 def test_report_cli(messy):
     # One real `python -m` run (most of its time is importing torch); the exit codes are checked in-process below.
     env = {**os.environ, "PYTHONPATH": str(ROOT)}

@@ -133,6 +133,7 @@ def test_save_never_pickles(tiny_model_dir):
         assert 8 + n + end == len(raw), path  # nothing else is stored after the tensors
 
 
+@pytest.mark.slow
 def test_tiny_unet_overfits_one_pair():
     """A tiny U-Net memorises one (latent, caption) pair: the loss falls at least 10x."""
     torch.manual_seed(0)

@@ -7,6 +7,7 @@ set, a smaller image size and a few hundred steps, on a seed that the config was
 asserts that color and position both beat chance clearly.
 """
 
+import pytest
 import json
 import os
 import subprocess
@@ -30,6 +31,7 @@ SCALED_DOWN = [
 ]
 
 
+@pytest.mark.slow
 def test_scaled_down_quick_start_beats_chance(tmp_path):
     out, data = tmp_path / "run", tmp_path / "data"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}

@@ -237,6 +237,7 @@ def script(*args, cwd):
                           capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_subprocess_run_prints_paths_and_progress(tiny_model_dir, tmp_path):
     r = script("--model", tiny_model_dir, "--prompt", "a red circle", "--steps", "2", "--num-images", "2", "--grid", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
@@ -246,6 +247,7 @@ def test_subprocess_run_prints_paths_and_progress(tiny_model_dir, tmp_path):
     assert "4/4" in r.stderr  # the tqdm bar over 2 images x 2 steps
 
 
+@pytest.mark.slow
 def test_subprocess_bad_input_has_no_traceback(tmp_path):
     r = script("--model", tmp_path / "nope", "--prompt", "x", cwd=tmp_path)
     assert r.returncode == 1

@@ -178,6 +178,7 @@ def test_evaluate_cli(tmp_path, capsys):
     )
 
 
+@pytest.mark.slow
 def test_cli(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "diffusion.data", "shapes", str(tmp_path / "out"), "--num", "10", "--seed", "2"]

@@ -90,6 +90,7 @@ def resumed(data_dir, reference, tmp_path_factory):
 # ----------------------------------------------------------------------------- end to end
 
 
+@pytest.mark.slow
 def test_end_to_end_run_exports_a_model_that_generates(data_dir, reference):
     from diffusion.pipeline import Pipeline
 
@@ -128,6 +129,7 @@ def test_end_to_end_run_exports_a_model_that_generates(data_dir, reference):
 # ----------------------------------------------------------------------------- resume
 
 
+@pytest.mark.slow
 def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(reference, resumed):
     ref, _ = reference
     out, (first, second, third) = resumed
@@ -143,6 +145,7 @@ def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(reference, resu
         assert [m["step"] for m in metrics(out) if m["stage"] == stage and "loss" in m] == list(range(1, n + 1))
 
 
+@pytest.mark.slow
 def test_corrupt_latest_checkpoint_is_skipped_for_the_previous_one(data_dir, reference, resumed):
     ref, _ = reference
     out, _ = resumed
@@ -180,6 +183,7 @@ def test_checkpoint_writes_are_atomic_and_pruned(tmp_path, capsys):
 # ----------------------------------------------------------------------------- refusals and faults
 
 
+@pytest.mark.slow
 def test_refuses_to_overwrite_an_existing_run(data_dir, reference):
     out, _ = reference
     before = (out / "model" / "unet.safetensors").stat().st_mtime_ns
@@ -190,6 +194,7 @@ def test_refuses_to_overwrite_an_existing_run(data_dir, reference):
     assert (out / "model" / "unet.safetensors").stat().st_mtime_ns == before
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(data_dir, reference, tmp_path):
     from diffusion.pipeline import Pipeline
 
@@ -213,6 +218,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(data_dir, reference, tmp_p
     Pipeline.load(path)
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_stops_without_saving_the_bad_state(data_dir, reference, tmp_path):
     ref, _ = reference
     out = tmp_path / "run"
@@ -325,6 +331,7 @@ def test_data_order_is_sharded_and_a_function_of_seed_and_epoch():
 # ----------------------------------------------------------------------------- data parallel
 
 
+@pytest.mark.slow
 def test_two_process_data_parallel_run_on_cpu(reference, tmp_path):
     ref, _ = reference
     data, out, debug = tmp_path / "shapes", tmp_path / "run", tmp_path / "debug"

@@ -1,7 +1,7 @@
 """Training data: image-caption folders (indexing, loading, transforms) and the built-in shapes dataset.
 
-Names are imported lazily, so `python -m diffusion.data.shapes` does not pay for importing torch and
-running a submodule as a script does not import it twice.
+Names are imported lazily, so that `python -m diffusion.data shapes` and the pixel evaluator, which
+need only PIL and numpy, do not pay for importing torch.
 """
 
 from __future__ import annotations
