@@ -57,6 +57,18 @@ class TextEncoderConfig:
     vocab_size: int = 49408
     layer: Literal["last", "penultimate"] = "last"
     trainable: bool = False
+    # The MLP's nonlinearity; null: the architecture's own (gelu for the custom tower). SD v1's OpenAI
+    # CLIP was trained with quick_gelu, SD v2's OpenCLIP with gelu.
+    activation: Optional[Literal["gelu", "quick_gelu"]] = None
+    # Width of the pooled embedding's projection; null: the architecture's own (width for the custom
+    # tower); 0: no projection, as in Hugging Face's CLIPTextModel that SD's diffusers folders hold.
+    embed_dim: Optional[int] = None
+    # A Hugging Face tokenizer folder (vocab.json + merges.txt, or tokenizer.json); null: open_clip's
+    # bundled CLIP vocabulary.
+    tokenizer: Optional[str] = None
+    # The id after the end token; null: the tokenizer folder's pad token, else 0 ("!", as open_clip and
+    # SD v2 pad). SD v1 pads with <|endoftext|> (49407); the pad changes the image.
+    pad_id: Optional[int] = None
 
 
 @dataclass
@@ -70,12 +82,22 @@ class UNetConfig:
     num_res_blocks: int = 2
     attention_levels: tuple[int, ...] = (0, 1, 2)  # levels (0 = highest resolution) with transformers
     mid_attention: bool = True
-    num_heads: int = 8
+    num_heads: int = 8  # at every level, unless head_dim is set
+    # Channels per head: a level of width C then has C // head_dim heads (SD 2.x: 64). null: num_heads.
+    head_dim: Optional[int] = None
     transformer_depth: int = 1
+    # Linear rather than 1x1-conv projections into and out of the transformers (SD 2.x).
+    linear_projection: bool = False
     context_dim: int = 768
     norm_groups: int = 32
+    # GroupNorm eps of the ResBlocks and the output norm; SD's U-Net uses 1e-5 (its transformers keep 1e-6).
+    norm_eps: float = 1e-6
     dropout: float = 0.0
     gradient_checkpointing: bool = False
+
+    def heads_at(self, width: int) -> int:
+        """Attention heads of a transformer of this width."""
+        return width // self.head_dim if self.head_dim else self.num_heads
 
 
 @dataclass

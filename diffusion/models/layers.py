@@ -50,12 +50,13 @@ class ResBlock(nn.Module):
         groups: int = 32,
         dropout: float = 0.0,
         zero_init: bool = False,
+        eps: float = 1e-6,
     ):
         super().__init__()
-        self.norm1 = nn.GroupNorm(groups, in_ch, eps=1e-6)
+        self.norm1 = nn.GroupNorm(groups, in_ch, eps=eps)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
         self.emb_proj = nn.Linear(emb_ch, out_ch) if emb_ch else None
-        self.norm2 = nn.GroupNorm(groups, out_ch, eps=1e-6)
+        self.norm2 = nn.GroupNorm(groups, out_ch, eps=eps)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
         if zero_init:
@@ -163,20 +164,31 @@ class TransformerBlock(nn.Module):
 
 
 class SpatialTransformer(nn.Module):
-    """Runs transformer blocks over the H*W positions of a feature map (LDM's SpatialTransformer)."""
+    """Runs transformer blocks over the H*W positions of a feature map (LDM's SpatialTransformer).
 
-    def __init__(self, ch: int, heads: int, context_dim: int, depth: int = 1, groups: int = 32):
+    The projections in and out are 1x1 convs (SD 1.x) or, with `linear`, Linear layers applied to
+    the tokens (SD 2.x's use_linear_in_transformer). Both compute the same per-position map; only
+    the weight shapes differ, (C, C, 1, 1) against (C, C), so that each layout loads as it is.
+    """
+
+    def __init__(self, ch: int, heads: int, context_dim: int, depth: int = 1, groups: int = 32, linear: bool = False):
         super().__init__()
+        self.linear = linear
         self.norm = nn.GroupNorm(groups, ch, eps=1e-6)
-        self.proj_in = nn.Conv2d(ch, ch, 1)
+        self.proj_in = nn.Linear(ch, ch) if linear else nn.Conv2d(ch, ch, 1)
         self.blocks = nn.ModuleList(TransformerBlock(ch, heads, context_dim) for _ in range(depth))
-        self.proj_out = zero_module(nn.Conv2d(ch, ch, 1))
+        self.proj_out = zero_module(nn.Linear(ch, ch) if linear else nn.Conv2d(ch, ch, 1))
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         _, _, h, w = x.shape
-        y = rearrange(self.proj_in(self.norm(x)), "b c h w -> b (h w) c")
+        if self.linear:
+            y = self.proj_in(rearrange(self.norm(x), "b c h w -> b (h w) c"))
+        else:
+            y = rearrange(self.proj_in(self.norm(x)), "b c h w -> b (h w) c")
         for block in self.blocks:
             y = block(y, context)
+        if self.linear:
+            return rearrange(self.proj_out(y), "b (h w) c -> b c h w", h=h, w=w).add_(x)
         return self.proj_out(rearrange(y, "b (h w) c -> b c h w", h=h, w=w)).add_(x)
 
 

@@ -4,6 +4,11 @@ The tower is either an open_clip architecture (`arch: ViT-L-14`, with its text c
 custom tower trained from scratch. Captions become per-token hidden states (B, L, width) from the
 last or the penultimate layer, after the final LayerNorm (SD v1 uses the last, SD v2 the
 penultimate), plus CLIP's pooled, projected embedding (B, embed_dim).
+
+Token ids come from open_clip's bundled BPE vocabulary, or from a Hugging Face tokenizer folder
+(`tokenizer`), whose ids match transformers' CLIPTokenizer. Positions after the end token hold
+`pad_id`: SD v1 pads with <|endoftext|>, SD v2 and open_clip with "!" (id 0), and the pad changes
+the image. diffusion.io.sd_text maps Stable Diffusion's text encoder weights to and from ours.
 """
 
 from __future__ import annotations
@@ -29,14 +34,29 @@ def _import_open_clip():
 
 
 @functools.lru_cache(maxsize=None)
-def _tokenizer(context_length: int):
-    # Building the BPE tables takes a second or more; every encoder with this context shares one.
+def _tokenizer(context_length: int, folder: str | None = None):
+    # Building the BPE tables takes a second or more; every encoder with this context and vocabulary shares one.
     _, _, SimpleTokenizer = _import_open_clip()
-    return SimpleTokenizer(context_length=context_length)
+    if folder is None:
+        return SimpleTokenizer(context_length=context_length)
+    from ..io.sd_text import read_tokenizer
+    from .tokenizer import FolderTokenizer
+
+    return FolderTokenizer(read_tokenizer(folder), context_length)
 
 
 def _tower_config(cfg: TextEncoderConfig) -> tuple[int, dict, bool]:
-    """(embed_dim, text_cfg, quick_gelu) for the configured tower."""
+    """(embed_dim, text_cfg, quick_gelu) for the configured tower, with the config's overrides."""
+    embed_dim, text_cfg, quick_gelu = _arch_tower_config(cfg)
+    if cfg.embed_dim is not None:
+        embed_dim = cfg.embed_dim
+    if cfg.activation is not None:
+        quick_gelu = cfg.activation == "quick_gelu"
+    return embed_dim, text_cfg, quick_gelu
+
+
+def _arch_tower_config(cfg: TextEncoderConfig) -> tuple[int, dict, bool]:
+    """(embed_dim, text_cfg, quick_gelu) of the named architecture, or of the custom tower."""
     open_clip, _, _ = _import_open_clip()
     if cfg.arch is None:
         text_cfg = dict(
@@ -58,7 +78,12 @@ def text_width(cfg: TextEncoderConfig) -> int:
 
 
 def _text_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Accept our own weights, or a whole open_clip CLIP checkpoint, and keep the text tower's tensors."""
+    """Accept our own weights, a whole open_clip CLIP checkpoint, a Hugging Face CLIPTextModel or an SD
+    single-file checkpoint, and keep the text tower's tensors in open_clip's layout."""
+    from ..io import sd_text
+
+    if sd_text.is_sd_text_layout(state):
+        return {k[len("tower."):]: v for k, v in sd_text.native_from_sd(state).items()}
     if any(k.startswith("tower.") for k in state):
         return {k[len("tower."):]: v for k, v in state.items() if k.startswith("tower.")}
     if any(k.startswith("text.") for k in state):  # open_clip's CustomTextCLIP
@@ -75,15 +100,26 @@ class TextEncoder(nn.Module):
         self.cfg = cfg
         embed_dim, text_cfg, quick_gelu = _tower_config(cfg)
         self.tower = build_text_tower(embed_dim, text_cfg, quick_gelu)
+        self.activation = "quick_gelu" if quick_gelu else "gelu"
         self.context_length = self.tower.context_length
         self.width = self.tower.width
-        self.tokenizer = _tokenizer(self.context_length)
+        self.tokenizer = _tokenizer(self.context_length, cfg.tokenizer)
+        self.pad_id = self._pad_id()
         self._warned_truncation = False
         if cfg.pretrained:
             self.load_pretrained(cfg.pretrained)
         self.requires_grad_(cfg.trainable)
         if not cfg.trainable:
             self.eval()
+
+    def _pad_id(self) -> int:
+        """The configured pad id, else the tokenizer folder's pad token, else 0 as open_clip pads."""
+        pad = self.cfg.pad_id
+        if pad is None:
+            pad = self.tokenizer.pad_token_id if self.cfg.tokenizer is not None else 0
+        if not 0 <= pad < self.tower.vocab_size:
+            raise ValueError(f"text_encoder.pad_id {pad} is outside the vocabulary of {self.tower.vocab_size} tokens")
+        return pad
 
     def load_pretrained(self, pretrained: str) -> None:
         """Load a local weights file, or else an open_clip pretrained tag (which downloads)."""
@@ -111,10 +147,10 @@ class TextEncoder(nn.Module):
         return tuple(self.tokenizer.encode(text))
 
     def tokenize(self, prompts: list[str]) -> torch.Tensor:
-        """BPE token ids (B, context_length), start and end tokens included, zero-padded and truncated."""
+        """BPE token ids (B, context_length), start and end tokens included, padded with pad_id and truncated."""
         L = self.context_length
         tok = self.tokenizer
-        out = torch.zeros(len(prompts), L, dtype=torch.long)
+        out = torch.full((len(prompts), L), self.pad_id, dtype=torch.long)
         for i, text in enumerate(prompts):
             ids = [tok.sot_token_id, *self._encode_ids(text), tok.eot_token_id]
             if len(ids) > L:

@@ -4,7 +4,9 @@ The network knows nothing about noise schedules: it maps a noisy latent, an inte
 text-token embeddings to a tensor of the latent's shape. Layout follows SD v1 (and diffusers'
 UNet2DConditionModel): per level, `num_res_blocks` ResBlocks each optionally followed by a
 SpatialTransformer, a stride-2 conv between levels, a ResBlock-Transformer-ResBlock middle, and a
-mirrored decoder with `num_res_blocks + 1` blocks per level fed by skip connections.
+mirrored decoder with `num_res_blocks + 1` blocks per level fed by skip connections. SD 2.x differs
+only in config: heads of a fixed width (`head_dim`) and linear transformer projections
+(`linear_projection`); SD's weights load through diffusion/io/sd_unet.py.
 
 Conv weights, and so every activation, live in channels_last (NHWC) memory. oneDNN's CPU convolutions
 and cuDNN's tensor-core kernels run faster on it (on CPUs without bf16 hardware, bf16 convolutions
@@ -50,16 +52,18 @@ class UNet(nn.Module):
         emb_ch = 4 * mc
         widths = [mc * m for m in cfg.channel_mult]
         for w in [mc, *widths]:
-            if w % groups or w % cfg.num_heads:
-                raise ValueError(f"U-Net width {w} must be divisible by norm_groups={groups} and num_heads={cfg.num_heads}")
+            heads = cfg.heads_at(w)
+            if w % groups or not heads or w % heads:
+                raise ValueError(f"U-Net width {w} must be divisible by norm_groups={groups} and into {heads} attention heads")
 
         def res(i, o):
-            return ResBlock(i, o, emb_ch, groups, cfg.dropout, zero_init=True)
+            return ResBlock(i, o, emb_ch, groups, cfg.dropout, zero_init=True, eps=cfg.norm_eps)
+
+        def transformer(ch):
+            return SpatialTransformer(ch, cfg.heads_at(ch), cfg.context_dim, cfg.transformer_depth, groups, cfg.linear_projection)
 
         def attn(ch, level):
-            if level not in cfg.attention_levels:
-                return None
-            return SpatialTransformer(ch, cfg.num_heads, cfg.context_dim, cfg.transformer_depth, groups)
+            return transformer(ch) if level in cfg.attention_levels else None
 
         self.time_mlp = nn.Sequential(nn.Linear(mc, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch))
         self.conv_in = nn.Conv2d(cfg.in_channels, mc, 3, padding=1)
@@ -76,7 +80,7 @@ class UNet(nn.Module):
                 self.down.append(UNetBlock(None, None, Downsample(ch)))
                 skip_widths.append(ch)
 
-        mid_attn = SpatialTransformer(ch, cfg.num_heads, cfg.context_dim, cfg.transformer_depth, groups) if cfg.mid_attention else None
+        mid_attn = transformer(ch) if cfg.mid_attention else None
         self.mid = nn.ModuleList([UNetBlock(res(ch, ch), mid_attn, None), UNetBlock(res(ch, ch), None, None)])
 
         # Decoder: num_res_blocks + 1 blocks per level, each eating one skip; upsample after the last.
@@ -88,7 +92,7 @@ class UNet(nn.Module):
                 self.up.append(UNetBlock(res(ch + skip_widths.pop(), w), attn(w, level), upsample))
                 ch = w
 
-        self.norm_out = nn.GroupNorm(groups, ch, eps=1e-6)
+        self.norm_out = nn.GroupNorm(groups, ch, eps=cfg.norm_eps)
         self.conv_out = zero_module(nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
         # Module.to, load_state_dict and optimisers preserve this layout from here on.
         self.to(memory_format=torch.channels_last)
