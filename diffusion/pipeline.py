@@ -33,6 +33,7 @@ from .io.atomic import atomic_folder
 from .io.weights import WeightsError, load_state_dict_checked, load_weights_file, save_weights
 
 CONFIG_FILE = "pipeline.yaml"
+TOKENIZER_DIR = "tokenizer"
 COMPONENTS = ("vae", "text_encoder", "unet")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -115,9 +116,15 @@ class Pipeline:
 
     def save(self, path: str | Path) -> None:
         """Write the folder atomically: build it beside the target, then swap it in."""
-        # The weights live in this folder now, so the saved config must not point at a download tag.
+        # The weights live in this folder now, so the saved config must not point at a download tag, and a
+        # tokenizer folder (from a diffusers model) is copied in and named relative to the model.
         text_cfg = dataclasses.replace(self.cfg.text_encoder, pretrained=None)
         with atomic_folder(path) as tmp:
+            if text_cfg.tokenizer is not None:
+                from .io.sd_text import tokenizer_files, write_tokenizer
+
+                write_tokenizer(tokenizer_files(self.text_encoder), tmp / TOKENIZER_DIR, self.text_encoder.context_length)
+                text_cfg = dataclasses.replace(text_cfg, tokenizer=TOKENIZER_DIR)
             save_config(dataclasses.replace(self.cfg, text_encoder=text_cfg), tmp / CONFIG_FILE)
             for name in COMPONENTS:
                 save_weights(getattr(self, name), tmp / f"{name}.safetensors")
@@ -130,6 +137,8 @@ class Pipeline:
         if not is_model_dir(path):
             raise PipelineError(f"{path} is not a model folder (no {CONFIG_FILE}); point at the 'model' folder a training run exports")
         cfg = from_dict(PipelineConfig, load_yaml(path / CONFIG_FILE))
+        if cfg.text_encoder.tokenizer is not None:  # saved relative to the model folder
+            cfg = dataclasses.replace(cfg, text_encoder=dataclasses.replace(cfg.text_encoder, tokenizer=str(path / cfg.text_encoder.tokenizer)))
         pipe = cls(cfg)
         for name in COMPONENTS:
             file = path / f"{name}.safetensors"
@@ -138,6 +147,14 @@ class Pipeline:
             load_state_dict_checked(getattr(pipe, name), load_weights_file(file), what=str(file))
         pipe.model_hash = file_hash(path / "unet.safetensors")
         return pipe.to(device, dtype)
+
+    @classmethod
+    def from_states(cls, cfg: PipelineConfig, states: dict[str, dict[str, torch.Tensor]], name: str) -> "Pipeline":
+        """A pipeline built from cfg, with each component's native state dict checked and loaded."""
+        pipe = cls(cfg)
+        for component in COMPONENTS:
+            load_state_dict_checked(getattr(pipe, component), states[component], what=f"{name} ({component})")
+        return pipe
 
     # ------------------------------------------------------------------ generation
 
@@ -262,9 +279,23 @@ def file_hash(path: str | Path) -> str:
     return h.hexdigest()[:10]
 
 
-def load_pipeline(path: str | Path, device=None, dtype=None) -> Pipeline:
-    """Pipeline.load, with weight-file problems reported as PipelineError."""
+def load_pipeline(path: str | Path, device=None, dtype=None, prediction_type: str | None = None, ema: str = "auto") -> Pipeline:
+    """A model in any format the toolkit reads, with every loading problem reported as PipelineError (one line).
+
+    A folder with pipeline.yaml is one of ours; a folder with model_index.json is a diffusers model; a
+    .safetensors file is an SD single-file checkpoint (prediction_type and ema apply to those).
+    """
+    from .io.sd_formats import is_diffusers_folder, read_model, refuse_pickle
+
+    path = Path(path)
     try:
+        if path.is_dir() and not is_model_dir(path) and is_diffusers_folder(path) or path.is_file():
+            if path.is_file():
+                refuse_pickle(path)
+            pipe = Pipeline.from_states(*read_model(path, prediction_type, ema), name=str(path))
+            # A1111 hashes the checkpoint file; a diffusers folder is hashed by its U-Net's file.
+            pipe.model_hash = file_hash(path if path.is_file() else path / "unet" / "diffusion_pytorch_model.safetensors")
+            return pipe.to(device, dtype)
         return Pipeline.load(path, device, dtype)
     except (WeightsError, ConfigError) as e:
         raise PipelineError(str(e)) from None
