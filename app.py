@@ -20,8 +20,8 @@ import sys
 
 import gradio as gr
 
-from diffusion.cli import ArgumentParser, add_device_args, load_model, resolve_seed, run_main
-from diffusion.errors import ToolkitError
+from diffusion.cli import ArgumentParser, add_device_args, add_model_args, load_model, resolve_seed, run_main
+from diffusion.errors import ToolkitError, UsageError
 from diffusion.pipeline import Pipeline
 
 MAX_IMAGES = 8
@@ -115,7 +115,7 @@ def build_demo(pipeline: Pipeline) -> gr.Blocks:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = ArgumentParser(prog="app.py", description="Serve a saved model as a Gradio demo.")
-    p.add_argument("--model", required=True, help="a model folder (the 'model' folder a training run exports)")
+    add_model_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind; 0.0.0.0 exposes the demo to your network")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--share", action="store_true", help="also make a public gradio.live link")
@@ -125,7 +125,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def serve(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    pipeline = load_model(args.model, args.device, args.dtype)
+    if not args.model:
+        raise UsageError("--model is required: our model folder, a diffusers folder, or an SD .safetensors file")
+    pipeline = load_model(args.model, args.device, args.dtype, args.prediction_type, args.ema)
     build_demo(pipeline).launch(server_name=args.host, server_port=args.port, share=args.share)
 
 

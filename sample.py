@@ -29,7 +29,7 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
-from diffusion.cli import ArgumentParser, add_device_args, load_model, resolve_seed, run_main
+from diffusion.cli import ArgumentParser, add_device_args, add_model_args, load_model, resolve_seed, run_main
 from diffusion.errors import ToolkitError, UsageError, warn
 from diffusion.infotext import JSON_KEY, GenerationParams, attach, read_png_params, save_png
 from diffusion.pipeline import image_grid
@@ -39,7 +39,7 @@ GENERATION_FLAGS = ("negative_prompt", "sampler", "steps", "guidance", "eta", "s
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = ArgumentParser(prog="sample.py", description="Generate images from a saved model folder.")
-    p.add_argument("--model", help="a model folder (the 'model' folder a training run exports)")
+    add_model_args(p)
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="the text prompt; an empty string generates unconditionally")
     source.add_argument("--prompts-file", help="a text file with one prompt per line (blank lines are skipped)")
@@ -135,7 +135,7 @@ def generate_files(argv: list[str] | None = None) -> list[Path]:
     if args.seed == -1:
         print(f"random seed: {kwargs['seed']}", file=sys.stderr)
 
-    pipe = load_model(args.model, args.device, args.dtype)
+    pipe = load_model(args.model, args.device, args.dtype, args.prediction_type, args.ema)
     if stored is not None and stored.model_hash and stored.model_hash != pipe.model_hash:
         warn(f"{args.from_png} was made by model hash {stored.model_hash}, but {args.model} is {pipe.model_hash}; the pixels will differ")
 

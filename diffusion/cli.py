@@ -51,15 +51,24 @@ def add_device_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="U-Net and text encoder; the VAE stays fp32")
 
 
-def load_model(path: str, device: str | None = None, dtype: str = "fp32"):
-    """Load a saved pipeline; PipelineError (exit 1) says why one cannot be used."""
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """--model and the two choices that a single-file checkpoint cannot record for itself."""
+    parser.add_argument("--model", help="a model: our model folder, a diffusers folder, or an SD .safetensors file")
+    parser.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], default=None,
+                        help="for a single file: what the U-Net predicts (default: the file's metadata, a sidecar .yaml, else epsilon)")
+    parser.add_argument("--ema", choices=["auto", "on", "off"], default="auto",
+                        help="for a single file: its EMA weights (model_ema.*) or the raw ones (default auto: EMA when present)")
+
+
+def load_model(path: str, device: str | None = None, dtype: str = "fp32", prediction_type: str | None = None, ema: str = "auto"):
+    """Load a model in any format the toolkit reads; PipelineError (exit 1) says why one cannot be used."""
     import torch
 
     from .pipeline import load_pipeline
 
     if device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda was asked for but CUDA is not available here; use --device cpu")
-    return load_pipeline(path, device, dtype)
+    return load_pipeline(path, device, dtype, prediction_type=prediction_type, ema=ema)
 
 
 def resolve_seed(seed: int, count: int = 1) -> int:

@@ -224,10 +224,22 @@ class PipelineConfig:
 
 
 @dataclass
+class PretrainedConfig:
+    """A model to start from (fine-tuning): its architecture, schedule and sampling defaults replace the
+    config's vae, text_encoder, unet, schedule and sampling sections, except text_encoder.trainable,
+    unet.gradient_checkpointing and unet.dropout, which say how to train it."""
+
+    pretrained: Optional[str] = None  # our model folder, a diffusers folder or an SD .safetensors file
+    prediction_type: Optional[Literal["epsilon", "v_prediction"]] = None  # for a single file (see sample.py --help)
+    ema: Literal["auto", "on", "off"] = "auto"  # for a single file: its EMA weights or the raw ones
+
+
+@dataclass
 class Config:
     name: str = "model"
     output_dir: str = "runs/model"
     seed: int = 0
+    model: PretrainedConfig = field(default_factory=PretrainedConfig)
     vae: VAEConfig = field(default_factory=VAEConfig)
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     unet: UNetConfig = field(default_factory=UNetConfig)
@@ -263,6 +275,8 @@ def validate(cfg: Config) -> None:
         )
     if cfg.data.resolution % cfg.vae.factor:
         raise ConfigError(f"data.resolution ({cfg.data.resolution}) must be divisible by the VAE factor {cfg.vae.factor}")
+    if cfg.model.pretrained and cfg.vae_training.pretrained:
+        raise ConfigError("model.pretrained brings its own VAE; leave vae_training.pretrained unset")
     if cfg.training.eval_every < 0:
         raise ConfigError(f"training.eval_every must be >= 0 (0 turns it off), got {cfg.training.eval_every}")
     if cfg.training.eval_every and not cfg.data.shapes.generate:

@@ -14,14 +14,15 @@ import json
 import sys
 from typing import Sequence
 
-from ..cli import ArgumentParser, run_main
+from ..cli import ArgumentParser, add_model_args, run_main
+from ..errors import UsageError
 
 
 def parse_args(argv: Sequence[str] | None):
     parser = ArgumentParser(prog="python -m diffusion.eval", description="Score models and images on the shapes task.")
     tasks = parser.add_subparsers(dest="task", required=True)
     shapes = tasks.add_parser("shapes", help="generate the 90 shapes prompts with a model and score them")
-    shapes.add_argument("--model", required=True, help="a model folder exported by train.py")
+    add_model_args(shapes)
     shapes.add_argument("--sampler", choices=["ddim", "ddpm"], default=None)
     shapes.add_argument("--steps", type=int, default=None)
     shapes.add_argument("--guidance", type=float, default=None)
@@ -44,7 +45,9 @@ def evaluate(argv: Sequence[str] | None = None) -> None:
     from ..cli import load_model
     from .fidelity import evaluate_shapes
 
-    pipe = load_model(args.model, device=args.device)
+    if not args.model:
+        raise UsageError("shapes needs --model")
+    pipe = load_model(args.model, device=args.device, prediction_type=args.prediction_type, ema=args.ema)
     with torch.inference_mode():
         result = evaluate_shapes(pipe, args.sampler, args.steps, args.guidance, args.batch_size)
     print(json.dumps(result, indent=2))

@@ -24,7 +24,7 @@ from ..eval.fidelity import TRAINING_PROMPTS, evaluate_shapes
 from ..eval.shapes import ATTRIBUTES
 from ..io.vae_folder import load_vae
 from ..io.weights import load_state_dict_checked, save_weights
-from ..pipeline import Pipeline, image_grid
+from ..pipeline import Pipeline, PipelineError, image_grid, load_pipeline
 from ..schedule import diffusion_loss
 from .cache import LatentSource
 from .distributed import make_generator
@@ -78,8 +78,13 @@ def distinct_captions(index, n: int) -> list[str]:
 
 
 def build_pipeline(run: Run) -> Pipeline:
-    """The pipeline to train: the frozen VAE from stage 1 (or vae_training.pretrained), fresh U-Net and text encoder."""
+    """The pipeline to train: a pretrained model (model.pretrained), or the frozen VAE from stage 1 (or
+    vae_training.pretrained) with a fresh U-Net and text encoder."""
     cfg = run.cfg
+    n = len(run.index)
+    info = dict(trained_on=f"{cfg.data.path} ({n} image-caption pairs)", example_prompts=tuple(distinct_captions(run.index, 4)))
+    if cfg.model.pretrained:
+        return pretrained_pipeline(cfg, info).to(run.accelerator.device)
     source = cfg.vae_training.pretrained or run.out / "vae"
     if not cfg.vae_training.pretrained and not (run.out / "vae" / "vae.yaml").is_file():
         raise TrainError(f"no VAE in {run.out / 'vae'}: run --stage vae (or all) first, or set vae_training.pretrained")
@@ -89,9 +94,27 @@ def build_pipeline(run: Run) -> Pipeline:
     except ConfigError as e:
         raise ConfigError(f"the VAE at {source} does not fit this config: {e}") from None
     set_seed(cfg.seed)  # the same initial weights whether or not stage 1 ran in this process
-    n = len(run.index)
-    info = dict(trained_on=f"{cfg.data.path} ({n} image-caption pairs)", example_prompts=tuple(distinct_captions(run.index, 4)))
     return Pipeline(cfg.pipeline_config(**info), vae=vae).to(run.accelerator.device)
+
+
+def pretrained_pipeline(cfg, info: dict) -> Pipeline:
+    """model.pretrained with its own architecture, training schedule and sampling defaults; only whether the
+    text encoder trains, gradient checkpointing and dropout come from this config."""
+    m = cfg.model
+    try:
+        base = load_pipeline(m.pretrained, device="cpu", prediction_type=m.prediction_type, ema=m.ema)
+    except PipelineError as e:
+        raise TrainError(f"model.pretrained: {e}") from None
+    b = base.cfg
+    text = dataclasses.replace(b.text_encoder, trainable=cfg.text_encoder.trainable)
+    unet = dataclasses.replace(b.unet, gradient_checkpointing=cfg.unet.gradient_checkpointing, dropout=cfg.unet.dropout)
+    model_info = dataclasses.replace(b.info, name=cfg.name, resolution=cfg.data.resolution, **info)
+    pcfg = dataclasses.replace(b, text_encoder=text, unet=unet, info=model_info)
+    if cfg.data.resolution % b.vae.factor:
+        raise ConfigError(f"data.resolution ({cfg.data.resolution}) must be divisible by the pretrained VAE's factor {b.vae.factor}")
+    pipe = Pipeline.from_states(pcfg, {c: getattr(base, c).state_dict() for c in ("vae", "text_encoder", "unet")}, name=m.pretrained)
+    pipe.vae.requires_grad_(False)
+    return pipe
 
 
 def param_groups(model: Denoiser, tc) -> list[dict]:

@@ -30,7 +30,7 @@ def train(config: str, overrides: list[str], stage: str = "all", resume: bool = 
     if accelerator.is_main_process:
         save_run_config(cfg, out)
         if stage != "ldm" and "vae" not in stages:
-            vae = cfg.vae_training.pretrained or f"{out / 'vae'} (finished)"
+            vae = cfg.model.pretrained or cfg.vae_training.pretrained or f"{out / 'vae'} (finished)"
             print(f"skipping the VAE stage: using {vae}", file=sys.stderr)
     index = load_data(cfg, accelerator)
     logger = MetricsLogger(out / "metrics.jsonl", accelerator, trackers=bool(accelerator.trackers))
@@ -43,7 +43,7 @@ def train(config: str, overrides: list[str], stage: str = "all", resume: bool = 
 
 def stages_to_run(stage: str, cfg: Config, out: Path, resume: bool) -> list[str]:
     vae_done = resume and (out / "vae" / "vae.yaml").is_file()
-    vae = stage in ("vae", "all") and not cfg.vae_training.pretrained and not vae_done
+    vae = stage in ("vae", "all") and not (cfg.vae_training.pretrained or cfg.model.pretrained) and not vae_done
     return (["vae"] if vae else []) + (["ldm"] if stage in ("ldm", "all") else [])
 
 
