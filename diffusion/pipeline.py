@@ -216,7 +216,11 @@ class Pipeline:
                     progress(_base + (i + 1) * _n, total)
 
             z0 = self._sample_batch(chunk, seed + start, uncond, guidance, sampler, timesteps.to(self.device), eta, latent_shape, callback)
-            images += to_pil(self.decode(z0))
+            x = self.decode(z0)
+            if not (torch.isfinite(z0).all() and torch.isfinite(x).all()):  # no black or noise PNG for an overflow
+                hint = "generate in fp32 (--dtype fp32)" if self.dtype != torch.float32 else "the model's weights may be damaged"
+                raise PipelineError(f"generation produced non-finite values at seed {seed + start} ({str(self.dtype)[6:]}); {hint}")
+            images += to_pil(x)
         for i, (image, prompt) in enumerate(zip(images, prompts)):
             attach(image, GenerationParams(
                 prompt=prompt, negative_prompt=negative_prompt, steps=steps, sampler=sampler, guidance=guidance,

@@ -91,3 +91,29 @@ def test_scheduler_config_sets_the_schedule_and_refuses_a_contradiction(tmp_path
     assert "PNDMScheduler has no sampler here; sampling with DDIM" in capsys.readouterr().err
     with pytest.raises(WeightsError, match="says prediction_type 'epsilon', but 'v_prediction' was asked for"):
         read_scheduler(path, "v_prediction")
+
+
+def test_fp16_attention_does_not_overflow_where_q_k_exceeds_fp16():
+    from diffusion.models.layers import Attention
+
+    torch.manual_seed(0)
+    attn = Attention(64, heads=1)
+    x = torch.randn(1, 16, 64) * 400
+    with torch.no_grad():
+        q, k, _ = attn.to_qkv(x).chunk(3, dim=-1)
+        assert (q @ k.transpose(-1, -2) / 64**0.5).abs().max() > 65504  # the scaled logits exceed fp16's range
+        reference = attn(x)
+        half = attn.half()(x.half())
+    assert torch.isfinite(half).all()
+    torch.testing.assert_close(half.float(), reference, rtol=2e-2, atol=2e-2 * reference.abs().max().item())
+
+
+def test_non_finite_generation_stops_with_one_line_and_writes_nothing(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    from diffusion.models.unet import UNet
+
+    monkeypatch.setattr(UNet, "forward", lambda self, x, t, context: torch.full_like(x, float("nan")))
+    out = tmp_path / "out"
+    assert sample.main(["--model", str(tiny_model_dir), "--prompt", "x", "--steps", "2", "--out", str(out)]) == 1
+    last = capsys.readouterr().err.splitlines()[-1]  # after the progress bar
+    assert last == "error: generation produced non-finite values at seed 0 (float32); the model's weights may be damaged"
+    assert not out.exists() or not any(out.iterdir())

@@ -122,6 +122,7 @@ class Attention(nn.Module):
         else:
             q, k, v = self.to_qkv(x).chunk(3, dim=-1)
         q, k, v = (rearrange(a, "b n (h d) -> b h n d", h=self.heads) for a in (q, k, v))
+        # SDPA forms q·kᵀ and the softmax in fp32 for fp16 inputs, where SD 2.x's attention would overflow.
         out = F.scaled_dot_product_attention(q, k, v)  # (B, h, N, d)
         return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
 
