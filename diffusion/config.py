@@ -299,6 +299,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         inner = [a for a in args if a is not type(None)]
         return _coerce(value, inner[0], key)
     if origin is Literal:
+        if isinstance(value, bool):  # YAML 1.1 reads no/off/yes/on as booleans; take the word the user wrote
+            value = next((w for w in (("no", "off", "false") if not value else ("yes", "on", "true")) if w in args), value)
         if value not in args:
             raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, args))}")
         return value

@@ -65,6 +65,12 @@ def test_round_trip_through_yaml(tmp_path):
     assert from_dict(Config, to_dict(cfg)) == cfg
 
 
+def test_yaml_booleans_stand_for_the_words_a_choice_offers():
+    assert load_config(None, ["training.mixed_precision=no"]).training.mixed_precision == "no"  # YAML reads `no` as False
+    with pytest.raises(ConfigError, match="training.mixed_precision: True is not one of"):
+        load_config(None, ["training.mixed_precision=yes"])
+
+
 def test_a_value_left_unset_says_how_to_set_it():
     with pytest.raises(ConfigError, match=r"^data.path is not set; give it on the command line, e.g. data.path=\.\.\.$"):
         load_config(ROOT / "configs" / "finetune.yaml", ["model.pretrained=sd15"])
