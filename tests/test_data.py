@@ -76,6 +76,12 @@ def _noise(size: tuple[int, int], seed: int = 0) -> Image.Image:
 
 def _make_messy(root: Path) -> None:
     """Every layout, format, mode and kind of junk the loader must handle."""
+    _write_good_images(root)
+    _write_captions(root)
+    _write_junk(root)
+
+
+def _write_good_images(root: Path) -> None:
     (root / "sub" / "deeper").mkdir(parents=True)
     (root / "hf").mkdir()
     (root / "csv").mkdir()
@@ -116,6 +122,8 @@ def _make_messy(root: Path) -> None:
     red.save(root / "csv" / "z.png")
     red.save(root / ".hidden" / "ignored.png")
 
+
+def _write_captions(root: Path) -> None:
     captions = {name: "\n".join(caps) for name, caps in GOOD.items() if not name.startswith(("hf/", "csv/"))}
     captions["multi.png"] = "one\n two \n\nthree\n"
     for name, text in captions.items():
@@ -131,7 +139,10 @@ def _make_messy(root: Path) -> None:
     (root / "hf" / "metadata.jsonl").write_text("\n".join(map(json.dumps, lines)) + "\n{not json\n")
     (root / "csv" / "metadata.csv").write_text('file_name,text\nz.png,"csv caption"\n')
 
-    # Junk, each with a caption so that only the image itself is at fault.
+
+def _write_junk(root: Path) -> None:
+    """Each with a caption, so that only the image itself is at fault; then images with no usable caption."""
+    red = Image.new("RGB", (24, 24), (255, 0, 0))
     red.save(root / "badutf.png")
     (root / "badutf.txt").write_bytes(b"caf\xe9 latin-1")
     (root / "zero.png").write_bytes(b"")
