@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-
-import gradio as gr
+from typing import TYPE_CHECKING
 
 from diffusion.cli import ArgumentParser, add_device_args, add_model_args, load_model, resolve_seed, run_main
 from diffusion.errors import ToolkitError, UsageError
 from diffusion.pipeline import Pipeline
+
+if TYPE_CHECKING:
+    import gradio as gr
 
 MAX_IMAGES = 8
 MAX_GUIDANCE = 30.0
@@ -61,6 +63,8 @@ def generate_gallery(pipeline: Pipeline, prompt, negative_prompt, sampler, steps
             progress=lambda done, total: progress((done, total), desc="Denoising", unit="steps"),
         )
     except ToolkitError as e:
+        import gradio as gr
+
         raise gr.Error(str(e), title="Check the settings", print_exception=False) from None
     params = [image.info["parameters"] for image in images]
     return list(zip(images, params)), seed, "\n\n".join(params)
@@ -68,6 +72,7 @@ def generate_gallery(pipeline: Pipeline, prompt, negative_prompt, sampler, steps
 
 def build_demo(pipeline: Pipeline) -> gr.Blocks:
     """The demo's Blocks, with the queue set up; the caller launches it."""
+    import gradio as gr  # here, not at the top: it takes seconds to import, which --help and a bad flag need not wait for
     cfg = pipeline.cfg
     f, res, d = pipeline.vae_factor, cfg.info.resolution, cfg.sampling
     max_side = max(res * MAX_SIZE_RATIO, f)

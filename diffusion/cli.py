@@ -54,6 +54,11 @@ def add_device_args(parser: argparse.ArgumentParser) -> None:
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     """--model and the two choices that a single-file checkpoint cannot record for itself."""
     parser.add_argument("--model", help="a model: our model folder, a diffusers folder, or an SD .safetensors file")
+    add_single_file_args(parser)
+
+
+def add_single_file_args(parser: argparse.ArgumentParser) -> None:
+    """--prediction-type and --ema: what an SD single file does not record for itself."""
     parser.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], default=None,
                         help="for a single file: what the U-Net predicts (default: the file's metadata, a sidecar .yaml, else epsilon)")
     parser.add_argument("--ema", choices=["auto", "on", "off"], default="auto",

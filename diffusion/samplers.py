@@ -199,7 +199,10 @@ def epsilon_from_v(model: Model, alphas_cumprod: Tensor) -> Model:
     """A v-prediction model as an ε-prediction one: ε = √ᾱ_t·v + √(1−ᾱ_t)·x_t (Salimans & Ho 2022, sec. 4).
 
     The map is affine in the model's output, so guidance applied before or after it gives the same ε.
+    It uses the ᾱ that the samplers use: at a zero-SNR step (ᾱ = 0) ε would be x_t whatever the model
+    says, while with ᾱ = 2⁻²⁴ the sampler's x0 = (x_t − √(1−ᾱ)·ε)/√ᾱ comes out as √ᾱ·x_t − √(1−ᾱ)·v ≈ −v.
     """
+    alphas_cumprod = torch.where(alphas_cumprod > 0, alphas_cumprod, ZERO_SNR_ALPHA_BAR)  # as _step_table does
 
     def model_eps(x_t: Tensor, t: Tensor) -> Tensor:
         abar = per_sample(alphas_cumprod, t, x_t)  # (B, 1, 1, 1)

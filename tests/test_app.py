@@ -61,6 +61,7 @@ def generate(client, prompt="a red circle", negative="", sampler="ddim", steps=2
 # ----------------------------------------------------------------------------- the API endpoint
 
 
+@pytest.mark.slow
 def test_client_gets_pngs_with_parameters(client, pipeline):
     gallery, seed_used, params_text = generate(client, negative="blurry", sampler="ddpm", seed=5, num_images=2, width=8)
     assert seed_used == 5 and len(gallery) == 2
@@ -78,16 +79,19 @@ def test_client_gets_pngs_with_parameters(client, pipeline):
     assert params_text == "\n\n".join(item["caption"] for item in gallery)
 
 
+@pytest.mark.slow
 def test_random_seed_is_shown_and_recorded(client):
     gallery, seed_used, _ = generate(client, seed=-1, num_images=1)
     assert seed_used >= 0 and read_png_params(gallery[0]["image"]).seed == seed_used
 
 
+@pytest.mark.slow
 def test_empty_prompt_generates_unconditionally(client):
     gallery, _, _ = generate(client, prompt="", num_images=1)
     assert read_png_params(gallery[0]["image"]).prompt == ""
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "change, message",
     [
@@ -111,6 +115,7 @@ def test_out_of_range_is_rejected_with_a_message(client, change, message):
 # ----------------------------------------------------------------------------- the page
 
 
+@pytest.mark.slow
 def test_page_shows_the_model_and_example_prompts(pipeline):
     demo = app.build_demo(pipeline)
     props = [c.get("props", {}) for c in demo.config["components"]]
@@ -156,6 +161,7 @@ def test_browser_generates_an_image(server):
 # ----------------------------------------------------------------------------- start-up
 
 
+@pytest.mark.slow
 def test_main_binds_localhost_by_default(tiny_model_dir, monkeypatch):
     import gradio as gr
 

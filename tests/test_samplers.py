@@ -308,20 +308,24 @@ def test_guidance_broadcasts_a_single_uncond_context_and_conditional_wrapper():
 # ----------------------------------------------------------------------------- v-prediction
 
 
-def test_ddim_with_a_v_model_matches_diffusers_v_prediction():
+@pytest.mark.parametrize("zero_snr, spacing", [(False, "leading"), (True, "trailing")], ids=["plain", "zero terminal SNR"])
+def test_ddim_with_a_v_model_matches_diffusers_v_prediction(zero_snr, spacing):
     # diffusers converts v inside its scheduler; here the model is wrapped once and the sampler stays ε-only.
-    kwargs = diffusers_kwargs("scaled_linear", "leading", steps_offset=1)
-    ref = DDIMScheduler(**kwargs, set_alpha_to_one=False, prediction_type="v_prediction")
+    # Under zero terminal SNR the first step has ᾱ = 0, where a v model's x0 is −v and ε carries no information.
+    kwargs = diffusers_kwargs("scaled_linear", spacing, steps_offset=0 if zero_snr else 1)
+    ref = DDIMScheduler(**kwargs, set_alpha_to_one=False, prediction_type="v_prediction", rescale_betas_zero_snr=zero_snr)
     ref.set_timesteps(10)
     x = x_T = randn(*SHAPE, seed=0)
     for t in ref.timesteps:
         x = ref.step(toy_eps(x, t.expand(2)), t, x).prev_sample
 
-    schedule = noise_schedule("scaled_linear")
+    schedule = noise_schedule("scaled_linear", zero_terminal_snr=zero_snr)
+    assert (schedule.alphas_cumprod[-1] == 0) == zero_snr
     model = epsilon_from_v(toy_eps, schedule.alphas_cumprod)
-    got = ddim(model, x_T, schedule.alphas_cumprod, inference_timesteps(T, 10, "leading", 1),
+    got = ddim(model, x_T, schedule.alphas_cumprod, inference_timesteps(T, 10, spacing, kwargs["steps_offset"]),
                final_alpha_cumprod=schedule.alphas_cumprod[0])
-    torch.testing.assert_close(got, x, rtol=0, atol=1e-4)
+    # At ᾱ = 0 we step from ᾱ = 2⁻²⁴ (samplers.ZERO_SNR_ALPHA_BAR), whose x0 is −v + 2⁻¹²·x_t.
+    torch.testing.assert_close(got, x, rtol=0, atol=1e-3 if zero_snr else 1e-4)
 
 
 def test_epsilon_from_v_recovers_the_noise():

@@ -189,6 +189,7 @@ def test_vae_encode_decode_match_diffusers(sd_vae):
     assert rel_err(image, expected_image)[1] < REL_TOL
 
 
+@pytest.mark.slow
 def test_native_export_loads_into_diffusers(sd_unet):
     """Weights trained here, exported, give diffusers the same function."""
     _, model, family = sd_unet
@@ -215,6 +216,7 @@ def assert_shapes_agree(mapped: dict[str, torch.Tensor], model: torch.nn.Module)
     assert all(mapped[k].shape == expected[k].shape for k in expected)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kwargs, family, params", [(SD15_UNET, "sd1", 859_520_964), (SD21_UNET, "sd2", 865_910_724)])
 def test_full_size_unet_maps_on_meta(kwargs, family, params):
     sd15 = load_config(ROOT / "configs" / "sd15.yaml").unet

@@ -5,7 +5,9 @@
 A diffusers folder (`model_index.json`, `unet/`, `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/`)
 brings its configs; a single file (`model.diffusion_model.*`, `first_stage_model.*`,
 `cond_stage_model.*`) brings only tensors, so its architecture is read from their shapes and each
-family's rule (SD 1.x: 8 heads per level; SD 2.x: heads of 64 channels and linear projections).
+family's rule (SD 1.x: 8 heads per level; SD 2.x: heads of 64 channels and linear projections), unless
+its metadata holds our pipeline config (the files diffusion.io.sd_export writes), which rebuilds any
+architecture exactly.
 Pickled weights (.ckpt, .bin, .pt) are refused: loading them can run arbitrary code.
 """
 
@@ -18,9 +20,9 @@ from typing import Optional
 
 import torch
 
-from ..config import PipelineConfig, SamplingConfig, ScheduleConfig, TextEncoderConfig
+from ..config import ConfigError, PipelineConfig, SamplingConfig, ScheduleConfig, TextEncoderConfig, from_dict
 from ..errors import warn
-from .sd_text import diffusers_text, single_file_text
+from .sd_text import diffusers_text, native_from_sd, single_file_text
 from .sd_unet import SD_NORM_EPS, Family, unet_config_from_compvis, unet_config_from_diffusers, unet_from_compvis, unet_from_diffusers
 from .sd_vae import vae_config_from_compvis, vae_config_from_diffusers, vae_from_compvis, vae_from_diffusers
 from .weights import WeightsError, load_weights_file
@@ -31,6 +33,9 @@ UNET_PREFIX, VAE_PREFIX = "model.diffusion_model.", "first_stage_model."
 SD_SCALE_FACTOR = 0.18215  # SD 1.x and 2.x VAEs
 BETA_SCHEDULES = {"linear": "linear", "scaled_linear": "scaled_linear", "squaredcos_cap_v2": "cosine"}
 SAMPLERS = {"DDIMScheduler": "ddim", "DDPMScheduler": "ddpm"}
+# A single file's metadata keys: the prediction type and zero terminal SNR (read from any file), and our
+# whole PipelineConfig as JSON (in the files we write).
+PREDICTION_KEY, ZERO_SNR_KEY, CONFIG_KEY = "prediction_type", "zero_terminal_snr", "pipeline_config"
 
 
 @dataclass
@@ -124,7 +129,7 @@ def read_scheduler(path: Path, prediction_type: Optional[str] = None) -> Schedul
         raise WeightsError(f"{path}: beta_schedule {s['beta_schedule']!r} is not one of {sorted(BETA_SCHEDULES)}")
     stored = s.get("prediction_type", "epsilon")
     if prediction_type and stored != prediction_type:
-        raise WeightsError(f"{path} says prediction_type {stored!r}, but {prediction_type!r} was asked for; drop the flag or fix the file")
+        raise _contradiction(path, stored, prediction_type)
     if stored not in ("epsilon", "v_prediction"):
         raise WeightsError(f"{path}: prediction_type {stored!r} is not epsilon or v_prediction")
     schedule = ScheduleConfig(
@@ -176,33 +181,68 @@ def read_single_file(path: Path, prediction_type: Optional[str] = None, ema: str
     if not any(k.startswith(UNET_PREFIX) for k in state) or not any(k.startswith(VAE_PREFIX) for k in state):
         raise WeightsError(f"{path} matches no Stable Diffusion layout (top-level keys: {', '.join(found[:8])}); "
                            "expected model.diffusion_model.*, first_stage_model.* and cond_stage_model.*")
+    unet_sd, vae_sd = _choose_ema(state, ema, path), _under(state, VAE_PREFIX)
+    stored = file_metadata(path).get(CONFIG_KEY)
+    if stored is not None:
+        cfg, text_sd = stored_config(path, stored, prediction_type), native_from_sd(state)
+    else:
+        cfg, text_sd = _inferred_config(path, state, unet_sd, vae_sd, prediction_type)
+    return cfg, {"unet": unet_from_compvis(unet_sd, cfg.unet), "vae": vae_from_compvis(vae_sd, cfg.vae), "text_encoder": text_sd}
+
+
+def file_metadata(path: Path) -> dict[str, str]:
+    """A safetensors file's header metadata (empty when it has none)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return f.metadata() or {}
+
+
+def stored_config(path: Path, text: str, prediction_type: Optional[str]) -> PipelineConfig:
+    """The PipelineConfig a single file's metadata holds; a --prediction-type that contradicts it is refused."""
+    try:
+        data = json.loads(text)
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+        cfg = from_dict(PipelineConfig, data)
+    except (ValueError, ConfigError) as e:
+        raise WeightsError(f"{path}: its {CONFIG_KEY} metadata is not a pipeline config ({e})") from None
+    if prediction_type and prediction_type != cfg.schedule.prediction_type:
+        raise _contradiction(path, cfg.schedule.prediction_type, prediction_type)
+    return cfg
+
+
+def _contradiction(path: Path, stored: str, asked: str) -> WeightsError:
+    return WeightsError(f"{path} says prediction_type {stored!r}, but {asked!r} was asked for; drop the flag or fix the file")
+
+
+def _inferred_config(path: Path, state: dict[str, torch.Tensor], unet_sd: dict[str, torch.Tensor],
+                     vae_sd: dict[str, torch.Tensor], prediction_type: Optional[str]) -> tuple[PipelineConfig, dict]:
+    """(config, native text weights) of an SD file that brings no config: its shapes and SD's rules tell it."""
     text_cfg, text_sd = single_file_text(state)
     sd2 = text_cfg.layer == "penultimate"
-    unet_sd = _choose_ema(state, ema, path)
     unet_cfg = replace(unet_config_from_compvis(unet_sd, "sd2" if sd2 else "sd1"), norm_eps=SD_NORM_EPS)
-    vae_sd = _under(state, VAE_PREFIX)
     vae_cfg = replace(vae_config_from_compvis(vae_sd), scale_factor=SD_SCALE_FACTOR)
     info = single_file_schedule(path, prediction_type)
     cfg = PipelineConfig(vae=vae_cfg, text_encoder=text_cfg, unet=unet_cfg, schedule=info.schedule, sampling=info.sampling)
     resolution = 768 if info.schedule.prediction_type == "v_prediction" else 512
-    cfg = replace(cfg, info=replace(cfg.info, name=path.stem, resolution=resolution))
-    return cfg, {"unet": unet_from_compvis(unet_sd, unet_cfg), "vae": vae_from_compvis(vae_sd, vae_cfg), "text_encoder": text_sd}
+    return replace(cfg, info=replace(cfg.info, name=path.stem, resolution=resolution)), text_sd
 
 
 def single_file_schedule(path: Path, prediction_type: Optional[str]) -> ScheduleInfo:
     """SD's training schedule; the prediction type from the flag, else the file's metadata, else a sidecar
-    `<stem>.yaml` (the original configs' `parameterization`), else epsilon. Never from the file name."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as f:
-        stored = (f.metadata() or {}).get("prediction_type")
+    `<stem>.yaml` (the original configs' `parameterization`), else epsilon. Never from the file name.
+    Zero terminal SNR only when the metadata says so."""
+    metadata = file_metadata(path)
+    stored = metadata.get(PREDICTION_KEY)
     sidecar = path.with_suffix(".yaml")
     if stored is None and sidecar.is_file():
         stored = _sidecar_prediction_type(sidecar)
     if prediction_type and stored and prediction_type != stored:
-        raise WeightsError(f"{path} says prediction_type {stored!r}, but {prediction_type!r} was asked for; drop the flag or fix the file")
+        raise _contradiction(path, stored, prediction_type)
     chosen = prediction_type or stored or "epsilon"
-    schedule = ScheduleConfig(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type=chosen)
+    schedule = ScheduleConfig(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type=chosen,
+                              zero_terminal_snr=metadata.get(ZERO_SNR_KEY, "false").lower() == "true")
     return ScheduleInfo(schedule, SamplingConfig(sampler="ddim", timestep_spacing="leading", steps_offset=1))
 
 

@@ -64,13 +64,16 @@ def load_state_dict_checked(module: nn.Module, state: dict[str, torch.Tensor], w
     module.load_state_dict(state, strict=True)
 
 
-def save_weights(module_or_state: nn.Module | dict, path: str | Path) -> None:
-    """Write safetensors atomically: to a temporary name first, so a kill never leaves half a file."""
+def save_weights(module_or_state: nn.Module | dict, path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    """Write safetensors atomically: to a temporary name first, so a kill never leaves half a file.
+
+    `metadata` goes into the file's header, as text.
+    """
     state = module_or_state.state_dict() if isinstance(module_or_state, nn.Module) else module_or_state
     # safetensors refuses shared or non-contiguous storage; clone to plain contiguous tensors.
     state = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
     with atomic_file(path) as tmp:
-        save_file(state, str(tmp))
+        save_file(state, str(tmp), metadata=metadata)
 
 
 def state_hash(module_or_state: nn.Module | dict) -> str:
