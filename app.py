@@ -20,6 +20,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from diffusion.cli import ArgumentParser, add_device_args, add_model_args, load_model, resolve_seed, run_main
+from diffusion import registry
 from diffusion.errors import ToolkitError, UsageError
 from diffusion.pipeline import Pipeline
 
@@ -30,7 +31,7 @@ MAX_IMAGES = 8
 MAX_GUIDANCE = 30.0
 MAX_SIZE_RATIO = 2
 QUEUE_SIZE = 16
-SAMPLERS = [("DDIM", "ddim"), ("DDPM", "ddpm")]
+SAMPLERS = [(s.name, s.key) for s in registry.SAMPLERS]  # (label, value) pairs
 
 
 def model_card(pipeline: Pipeline) -> str:
@@ -89,7 +90,7 @@ def build_demo(pipeline: Pipeline) -> gr.Blocks:
                 button = gr.Button("Generate", variant="primary")
                 if cfg.info.example_prompts:
                     gr.Examples([[p] for p in cfg.info.example_prompts], inputs=[prompt], label="Example prompts (from the training captions)")
-                sampler = gr.Radio(SAMPLERS, value=d.sampler, label="Sampler")
+                sampler = gr.Dropdown(SAMPLERS, value=registry.sampler(d.sampler).key, label="Sampler")
                 steps = gr.Slider(1, cfg.schedule.num_train_timesteps, value=d.steps, step=1, label="Steps")
                 guidance = gr.Slider(0.0, MAX_GUIDANCE, value=d.guidance, step=0.1, label="Guidance scale")
                 eta = gr.Slider(0.0, 1.0, value=d.eta, step=0.05, label="Eta (DDIM noise; 0 is deterministic)")
@@ -107,6 +108,8 @@ def build_demo(pipeline: Pipeline) -> gr.Blocks:
                 seed_used = gr.Number(label="Seed used", precision=0, interactive=False)
                 params_text = gr.Textbox(label="Parameters", lines=4, interactive=False, buttons=["copy"])
 
+        # Each sampler has its own sensible step count (DPM++ 20, Euler 30, DDIM 50), as in the web UI.
+        sampler.change(lambda key: registry.sampler(key).default_steps, sampler, steps)
         gr.on(
             [button.click, prompt.submit],
             generate,

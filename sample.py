@@ -30,6 +30,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from diffusion.cli import ArgumentParser, add_device_args, add_model_args, load_model, resolve_seed, run_main
+from diffusion import registry
 from diffusion.errors import ToolkitError, UsageError, warn
 from diffusion.infotext import JSON_KEY, GenerationParams, attach, read_png_params, save_png
 from diffusion.pipeline import image_grid
@@ -45,7 +46,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     source.add_argument("--prompts-file", help="a text file with one prompt per line (blank lines are skipped)")
     source.add_argument("--from-png", help="regenerate from the parameters stored in this PNG")
     p.add_argument("--negative-prompt", help="what to steer away from (default: none)")
-    p.add_argument("--sampler", choices=["ddim", "ddpm"], help="default: the model's")
+    p.add_argument("--sampler", help='a web-UI name ("DPM++ 2M Karras") or its short form (dpmpp_2m_karras); default: the model\'s')
     p.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale, >= 0 (default: the model's)")
     p.add_argument("--eta", type=float, help="DDIM noise in [0, 1]; 0 is deterministic (default: the model's)")
@@ -127,6 +128,8 @@ def generate_files(argv: list[str] | None = None) -> list[Path]:
         raise UsageError(f"--num-images must be at least 1, got {args.num_images}")
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.sampler is not None:
+        registry.sampler(args.sampler)  # an unknown name is a bad command line, found before loading anything
     prompts, kwargs, stored = request_from_args(args)
     if not args.model:
         recorded = f" (it records model '{stored.model_name}', hash {stored.model_hash or 'unknown'})" if stored else ""

@@ -117,7 +117,7 @@ class ScheduleConfig:
 class SamplingConfig:
     """Generation defaults stored with a model."""
 
-    sampler: Literal["ddim", "ddpm"] = "ddim"
+    sampler: str = "ddim"  # a name in diffusion/registry.py: "DPM++ 2M Karras" or its short form dpmpp_2m_karras
     steps: int = 50
     guidance: float = 7.5
     eta: float = 0.0
@@ -265,6 +265,12 @@ class Config:
 
 def validate(cfg: Config) -> None:
     """Cross-component checks that a single field's type cannot express."""
+    from .registry import sampler
+
+    try:
+        sampler(cfg.sampling.sampler)
+    except UsageError as e:
+        raise ConfigError(f"sampling.sampler: {e}") from None
     if cfg.unet.in_channels != cfg.vae.latent_channels:
         raise ConfigError(
             f"unet.in_channels ({cfg.unet.in_channels}) must equal vae.latent_channels ({cfg.vae.latent_channels})"

@@ -24,7 +24,9 @@ from pathlib import Path
 
 from PIL import Image, PngImagePlugin
 
-SAMPLER_NAMES = {"ddim": "DDIM", "ddpm": "DDPM"}
+from .errors import UsageError
+from .registry import sampler as sampler_by_name
+
 JSON_KEY = "generation"
 
 
@@ -47,7 +49,7 @@ class GenerationParams:
     def to_infotext(self) -> str:
         pairs = {
             "Steps": self.steps,
-            "Sampler": SAMPLER_NAMES.get(self.sampler, self.sampler),
+            "Sampler": sampler_by_name(self.sampler).name,
             "CFG scale": self.guidance,
             "Seed": self.seed,
             "Size": f"{self.width}x{self.height}",
@@ -89,7 +91,7 @@ class GenerationParams:
             width, height = (int(v) for v in size.split("x"))
         except ValueError:  # not a number, or not two of them
             raise ValueError(f"'Size: {size}' in the PNG's parameters is not WIDTHxHEIGHT") from None
-        sampler = {v: k for k, v in SAMPLER_NAMES.items()}.get(pairs.get("Sampler", "DDIM"), pairs.get("Sampler", "ddim").lower())
+        sampler = _sampler_key(pairs)
         return cls(
             prompt=prompt,
             negative_prompt=negative,
@@ -164,3 +166,14 @@ def read_png_params(path: str | Path) -> GenerationParams:
     if "parameters" in info:
         return GenerationParams.from_infotext(info["parameters"])
     raise ValueError(f"{path} carries no generation parameters (no 'parameters' text chunk)")
+
+
+def _sampler_key(pairs: dict) -> str:
+    """The sampler of an infotext; newer web UIs write "Sampler: DPM++ 2M, Schedule type: Karras"."""
+    name = pairs.get("Sampler", "DDIM")
+    if pairs.get("Schedule type", "").lower() == "karras" and not name.lower().endswith("karras"):
+        name += " Karras"
+    try:
+        return sampler_by_name(name).key
+    except UsageError:
+        raise ValueError(f"'Sampler: {name}' in the PNG's parameters is not a sampler here") from None

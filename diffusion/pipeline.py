@@ -21,10 +21,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .errors import ToolkitError, UsageError
+from .errors import ToolkitError, UsageError, warn
 from .config import ConfigError, PipelineConfig, from_dict, load_yaml, save_config
 from .infotext import GenerationParams, attach
-from .samplers import classifier_free_guidance, ddim, ddpm, epsilon_from_v
+from . import registry
+from .samplers import classifier_free_guidance, epsilon_from_v
 from .schedule import NoiseSchedule, inference_timesteps
 from .models.text import TextEncoder
 from .models.unet import UNet
@@ -87,6 +88,9 @@ class Pipeline:
                 f"unet.context_dim ({cfg.unet.context_dim}) must equal the text encoder's width ({self.text_encoder.width})"
             )
         self.schedule = NoiseSchedule(cfg.schedule)
+        if cfg.schedule.zero_terminal_snr and cfg.schedule.prediction_type == "epsilon":
+            warn("zero terminal SNR with an ε-prediction model: at the last timestep ε says nothing about the image, "
+                 "so samplers step from ᾱ = 2⁻²⁴ there; Lin et al. 2024 pair zero SNR with v-prediction")
         self.device = torch.device("cpu")
         self.dtype = torch.float32
         self.model_hash = ""
@@ -161,8 +165,10 @@ class Pipeline:
     def check_args(self, steps: int, guidance: float, eta: float, height: int, width: int, sampler: str) -> None:
         """Raise PipelineError with a one-line fix for any out-of-range argument."""
         f = self.vae_factor
-        if sampler not in ("ddim", "ddpm"):
-            raise BadRequest(f"sampler must be 'ddim' or 'ddpm', got {sampler!r}")
+        try:
+            registry.sampler(sampler)
+        except UsageError as e:
+            raise BadRequest(str(e)) from None
         if not 1 <= steps <= self.cfg.schedule.num_train_timesteps:
             raise BadRequest(f"steps must be between 1 and {self.cfg.schedule.num_train_timesteps}, got {steps}")
         if guidance < 0:
@@ -201,6 +207,7 @@ class Pipeline:
         res = self.cfg.info.resolution
         height, width = res if height is None else height, res if width is None else width
         self.check_args(steps, guidance, eta, height, width, sampler)
+        sampler = registry.sampler(sampler).key  # "DPM++ 2M Karras" and dpmpp_2m_karras alike
 
         timesteps = inference_timesteps(self.cfg.schedule.num_train_timesteps, steps, d.timestep_spacing, d.steps_offset)
         latent_shape = (self.cfg.vae.latent_channels, height // self.vae_factor, width // self.vae_factor)
@@ -241,10 +248,11 @@ class Pipeline:
         abar = self.schedule.alphas_cumprod
         if self.cfg.schedule.prediction_type == "v_prediction":
             model = epsilon_from_v(model, abar)
-        if sampler == "ddpm":
-            return ddpm(model, x_T, abar, timesteps, generators=generators, callback=callback)
-        final_abar = 1.0 if self.cfg.sampling.final_alpha_one else abar[0]
-        return ddim(model, x_T, abar, timesteps, eta=eta, final_alpha_cumprod=final_abar, generators=generators, callback=callback)
+        spec = registry.sampler(sampler)
+        options = dict(spec.options)
+        if spec.uses_eta:
+            options.update(eta=eta, final_alpha_cumprod=1.0 if self.cfg.sampling.final_alpha_one else abar[0])
+        return spec.fn(model, x_T, abar, timesteps, generators=generators, callback=callback, **options)
 
     def regenerate(self, params: GenerationParams, progress: Callable[[int, int], None] | None = None) -> Image.Image:
         """The image `params` describes, pixel for pixel.

@@ -1,4 +1,5 @@
-"""Samplers: plain functions over one model contract, model(x_t, t) -> eps with t a LongTensor (B,).
+"""Samplers: plain functions over one model contract, model(x_t, t) -> eps with t a LongTensor (B,)
+(a float tensor for the σ samplers' Karras steps, which fall between table entries: sigma_samplers.py).
 
 A sampler takes the model, the starting noise x, the training ᾱ table and the descending timesteps
 (`schedule.inference_timesteps`), and returns the final sample. Each step function is checked
@@ -32,6 +33,23 @@ ZERO_SNR_ALPHA_BAR = 2.0**-24
 def _sqrt(v: Scalar) -> Scalar:
     """√v for floats and tensors alike; clamps the tiny negatives that rounding makes of 1 − ᾱ − σ²."""
     return v.clamp(min=0).sqrt() if torch.is_tensor(v) else math.sqrt(max(v, 0.0))
+
+
+def log_sigmas(alphas_cumprod: Tensor) -> Tensor:
+    """log σ_t = ½·log((1−ᾱ_t)/ᾱ_t) per training step, float64 on the CPU, ascending in t; ᾱ = 0 read as 2⁻²⁴."""
+    abar = alphas_cumprod.detach().to("cpu", torch.float64)
+    abar = torch.where(abar > 0, abar, ZERO_SNR_ALPHA_BAR)
+    return 0.5 * torch.log((1 - abar) / abar)
+
+
+def alpha_bar_at(log_sigma: Tensor, t: Tensor) -> Tensor:
+    """ᾱ at fractional timesteps t: log σ interpolated linearly between the neighbouring table entries.
+
+    The inverse of sigma_samplers.sigma_to_t (diffusers' `_sigma_to_t`); at an integer t it is the table's ᾱ.
+    """
+    low = t.floor().clamp(0, len(log_sigma) - 2)
+    log_sigma_t = torch.lerp(log_sigma[low.long()], log_sigma[low.long() + 1], (t - low).to(log_sigma.dtype))
+    return torch.sigmoid(-2 * log_sigma_t)  # ᾱ = 1/(1 + σ²)
 
 
 # ----------------------------------------------------------------------------- single steps
@@ -201,11 +219,16 @@ def epsilon_from_v(model: Model, alphas_cumprod: Tensor) -> Model:
     The map is affine in the model's output, so guidance applied before or after it gives the same ε.
     It uses the ᾱ that the samplers use: at a zero-SNR step (ᾱ = 0) ε would be x_t whatever the model
     says, while with ᾱ = 2⁻²⁴ the sampler's x0 = (x_t − √(1−ᾱ)·ε)/√ᾱ comes out as √ᾱ·x_t − √(1−ᾱ)·v ≈ −v.
+    An integer t reads the table; a float t (Karras σs between entries) interpolates log σ (`alpha_bar_at`).
     """
+    log_sigma = log_sigmas(alphas_cumprod).float().to(alphas_cumprod.device)
     alphas_cumprod = torch.where(alphas_cumprod > 0, alphas_cumprod, ZERO_SNR_ALPHA_BAR)  # as _step_table does
 
     def model_eps(x_t: Tensor, t: Tensor) -> Tensor:
-        abar = per_sample(alphas_cumprod, t, x_t)  # (B, 1, 1, 1)
+        if t.is_floating_point():
+            abar = alpha_bar_at(log_sigma.to(x_t.device), t.float()).view(-1, *([1] * (x_t.ndim - 1)))
+        else:
+            abar = per_sample(alphas_cumprod, t, x_t)  # (B, 1, 1, 1)
         v = model(x_t, t)
         return (abar.sqrt() * v.float() + (1 - abar).sqrt() * x_t.float()).to(v.dtype)
 

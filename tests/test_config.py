@@ -39,7 +39,7 @@ def test_dotted_overrides_are_typed():
     [
         ("training.lrr=1", "unknown config key 'training.lrr'"),
         ("nope=1", "unknown config key 'nope'"),
-        ("sampling.sampler=euler", "'euler' is not one of"),
+        ("sampling.sampler=heun", "unknown sampler 'heun'"),
         ("training.max_steps=ten", "training.max_steps: expected int"),
         ("unet.channel_mult=3", "expected a list"),
         ("data.resolution=15", "divisible by the VAE factor"),

@@ -69,7 +69,7 @@ def test_negative_prompt_and_guidance_change_the_image(tiny_pipeline):
         (dict(eta=1.5), r"eta must be in \[0, 1\]"),
         (dict(height=17), "multiples of the VAE factor 2"),
         (dict(width=0), "multiples of the VAE factor 2"),
-        (dict(sampler="euler"), "sampler must be"),
+        (dict(sampler="heun"), "unknown sampler .heun.; choose one of"),
     ],
 )
 def test_generate_rejects_bad_arguments(tiny_pipeline, kwargs, message):

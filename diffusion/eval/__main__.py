@@ -23,7 +23,7 @@ def parse_args(argv: Sequence[str] | None):
     tasks = parser.add_subparsers(dest="task", required=True)
     shapes = tasks.add_parser("shapes", help="generate the 90 shapes prompts with a model and score them")
     add_model_args(shapes)
-    shapes.add_argument("--sampler", choices=["ddim", "ddpm"], default=None)
+    shapes.add_argument("--sampler", default=None, help='e.g. "DPM++ 2M Karras" or dpmpp_2m_karras (default: the model\'s)')
     shapes.add_argument("--steps", type=int, default=None)
     shapes.add_argument("--guidance", type=float, default=None)
     shapes.add_argument("--batch-size", type=int, default=30)

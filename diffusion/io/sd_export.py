@@ -31,7 +31,8 @@ import torch
 from ..config import PipelineConfig, SamplingConfig, ScheduleConfig, UNetConfig, VAEConfig, to_dict
 from ..errors import ToolkitError, UsageError, warn
 from .atomic import atomic_folder
-from .sd_formats import BETA_SCHEDULES, CONFIG_KEY, PREDICTION_KEY, SAMPLERS, UNET_PREFIX, VAE_PREFIX, ZERO_SNR_KEY
+from ..registry import sampler as sampler_spec
+from .sd_formats import BETA_SCHEDULES, CONFIG_KEY, PREDICTION_KEY, UNET_PREFIX, VAE_PREFIX, ZERO_SNR_KEY
 from .sd_text import save_diffusers_text, single_file_from_native
 from .sd_unet import unet_to_compvis, unet_to_diffusers
 from .sd_vae import vae_to_compvis, vae_to_diffusers
@@ -43,7 +44,6 @@ if TYPE_CHECKING:
 # Written as every config's _diffusers_version: the first release whose AutoencoderKL reads mid_block_add_attention.
 DIFFUSERS_FORMAT = "0.30.0"
 WEIGHTS = "diffusion_pytorch_model.safetensors"
-SCHEDULER_CLASSES = {sampler: name for name, sampler in SAMPLERS.items()}
 DIFFUSERS_BETAS = {ours: theirs for theirs, ours in BETA_SCHEDULES.items()}
 
 
@@ -105,12 +105,13 @@ def vae_diffusers_config(cfg: VAEConfig, sample_size: int) -> dict:
 
 
 def scheduler_config(schedule: ScheduleConfig, sampling: SamplingConfig) -> dict:
-    """DDIMScheduler's or DDPMScheduler's config: our training schedule and our sampler's stepping rules."""
-    if sampling.sampler == "ddim" and sampling.timestep_spacing == "linspace":
+    """The config of the diffusers scheduler that samples as our sampler does: our training schedule and its stepping rules."""
+    class_name, options = sampler_spec(sampling.sampler).diffusers
+    if class_name == "DDIMScheduler" and sampling.timestep_spacing == "linspace":
         warn("diffusers' DDIMScheduler steps from t to t - T//N, not to the next linspace timestep as we do; "
              "its images will differ from ours")
     return {
-        "_class_name": SCHEDULER_CLASSES[sampling.sampler], "_diffusers_version": DIFFUSERS_FORMAT,
+        "_class_name": class_name, "_diffusers_version": DIFFUSERS_FORMAT, **options,
         "num_train_timesteps": schedule.num_train_timesteps, "beta_schedule": DIFFUSERS_BETAS[schedule.beta_schedule],
         "beta_start": schedule.beta_start, "beta_end": schedule.beta_end, "trained_betas": None,
         "prediction_type": schedule.prediction_type, "rescale_betas_zero_snr": schedule.zero_terminal_snr,

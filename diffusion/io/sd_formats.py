@@ -22,6 +22,7 @@ import torch
 
 from ..config import ConfigError, PipelineConfig, SamplingConfig, ScheduleConfig, TextEncoderConfig, from_dict
 from ..errors import warn
+from ..registry import from_diffusers
 from .sd_text import diffusers_text, native_from_sd, single_file_text
 from .sd_unet import SD_NORM_EPS, Family, unet_config_from_compvis, unet_config_from_diffusers, unet_from_compvis, unet_from_diffusers
 from .sd_vae import vae_config_from_compvis, vae_config_from_diffusers, vae_from_compvis, vae_from_diffusers
@@ -32,7 +33,6 @@ FOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 UNET_PREFIX, VAE_PREFIX = "model.diffusion_model.", "first_stage_model."
 SD_SCALE_FACTOR = 0.18215  # SD 1.x and 2.x VAEs
 BETA_SCHEDULES = {"linear": "linear", "scaled_linear": "scaled_linear", "squaredcos_cap_v2": "cosine"}
-SAMPLERS = {"DDIMScheduler": "ddim", "DDPMScheduler": "ddpm"}
 # A single file's metadata keys: the prediction type and zero terminal SNR (read from any file), and our
 # whole PipelineConfig as JSON (in the files we write).
 PREDICTION_KEY, ZERO_SNR_KEY, CONFIG_KEY = "prediction_type", "zero_terminal_snr", "pipeline_config"
@@ -138,10 +138,10 @@ def read_scheduler(path: Path, prediction_type: Optional[str] = None) -> Schedul
         zero_terminal_snr=bool(s.get("rescale_betas_zero_snr", False)), prediction_type=stored,
     )
     name = s.get("_class_name", "DDIMScheduler")
-    sampler = SAMPLERS.get(name)
-    if sampler is None:
-        warn(f"{path.parent}: {name} has no sampler here; sampling with DDIM on its schedule")
-        sampler = "ddim"
+    spec = from_diffusers(name, s)
+    if spec is None:
+        warn(f"{path.parent}: {name} with these settings has no sampler here; sampling with DDIM on its schedule")
+    sampler = spec.key if spec else "ddim"
     sampling = SamplingConfig(
         sampler=sampler, timestep_spacing=s.get("timestep_spacing", "leading"), steps_offset=s.get("steps_offset", 0),
         final_alpha_one=bool(s.get("set_alpha_to_one", False)),
