@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import app  # noqa: E402
+from diffusion import registry  # noqa: E402
 from diffusion.infotext import read_png_params  # noqa: E402
 from diffusion.pipeline import load_pipeline  # noqa: E402
 
@@ -124,6 +125,11 @@ def test_page_shows_the_model_and_example_prompts(pipeline):
     assert ["a red circle in the center"] in [s for p in props for s in p.get("samples") or []]  # ModelInfo.example_prompts
     assert demo._queue.max_size == app.QUEUE_SIZE
     assert [fn.concurrency_limit for fn in demo.fns.values() if fn.api_name == "generate"] == [1]
+    dropdown = next(p for p in props if p.get("label") == "Sampler")
+    assert [name for name, _ in dropdown["choices"]] == [s.name for s in registry.SAMPLERS]
+    # Picking a sampler sets its own default step count (DPM++ 20, DDIM 50), as the web UI does.
+    [on_change] = [fn for fn in demo.fns.values() if fn.name == "<lambda>"]
+    assert on_change.fn("dpmpp_2m_karras") == 20 and on_change.fn("ddim") == 50
 
 
 def _chromium_or_skip():
