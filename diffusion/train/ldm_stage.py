@@ -190,8 +190,12 @@ class LDMStage(Stage):
         every = self.tc.eval_every
         if not every or (step % every and step != self.max_steps):
             return None
-        with sampling_with_ema(self.pipe, self.ema):
-            result = evaluate_shapes(self.pipe, sampler="ddim", steps=EVAL_STEPS, prompts=TRAINING_PROMPTS)
+        try:
+            with sampling_with_ema(self.pipe, self.ema):
+                result = evaluate_shapes(self.pipe, sampler="ddim", steps=EVAL_STEPS, prompts=TRAINING_PROMPTS)
+        except PipelineError as e:  # weights gone non-finite: the loss check stops the run, not the scoring
+            self.run.say(f"warning: prompt fidelity at step {step} skipped: {e}")
+            return None
         fields = {f"eval_{a}": result[a] for a in (*ATTRIBUTES, "all", "shape_fill")}
         if "held_out" in result:
             fields["eval_held_out_all"] = result["held_out"]["all"]
@@ -213,8 +217,12 @@ class LDMStage(Stage):
         """The validation prompts, sampled with the EMA weights, as samples/step-XXXXXX.png."""
         cfg = self.run.cfg
         prompts = preview_prompts(cfg, self.run.index)
-        with sampling_with_ema(self.pipe, self.ema):
-            images = self.pipe.generate(prompts, steps=min(cfg.sampling.steps, PREVIEW_STEPS), seed=cfg.seed)
+        try:
+            with sampling_with_ema(self.pipe, self.ema):
+                images = self.pipe.generate(prompts, steps=min(cfg.sampling.steps, PREVIEW_STEPS), seed=cfg.seed)
+        except PipelineError as e:  # weights gone non-finite: the loss check stops the run, not the preview
+            self.run.say(f"warning: preview at step {step} skipped: {e}")
+            return
         (self.run.out / "samples").mkdir(exist_ok=True)
         image_grid(images, cols=min(4, len(images))).save(self.run.out / "samples" / f"step-{step:06d}.png")
 
