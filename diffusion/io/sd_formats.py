@@ -22,7 +22,7 @@ import torch
 
 from ..config import ConfigError, PipelineConfig, SamplingConfig, ScheduleConfig, TextEncoderConfig, from_dict
 from ..errors import warn
-from ..registry import from_diffusers
+from ..registry import SAMPLERS, from_diffusers
 from .sd_text import diffusers_text, native_from_sd, single_file_text
 from .sd_unet import SD_NORM_EPS, Family, unet_config_from_compvis, unet_config_from_diffusers, unet_from_compvis, unet_from_diffusers
 from .sd_vae import vae_config_from_compvis, vae_config_from_diffusers, vae_from_compvis, vae_from_diffusers
@@ -140,7 +140,8 @@ def read_scheduler(path: Path, prediction_type: Optional[str] = None) -> Schedul
     name = s.get("_class_name", "DDIMScheduler")
     spec = from_diffusers(name, s)
     if spec is None:
-        warn(f"{path.parent}: {name} with these settings has no sampler here; sampling with DDIM on its schedule")
+        known = any(s.diffusers and s.diffusers[0] == name for s in SAMPLERS)
+        warn(f"{path.parent}: {name}{' with these settings' if known else ''} has no sampler here; sampling with DDIM on its schedule")
     sampler = spec.key if spec else "ddim"
     sampling = SamplingConfig(
         sampler=sampler, timestep_spacing=s.get("timestep_spacing", "leading"), steps_offset=s.get("steps_offset", 0),
