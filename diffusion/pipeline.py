@@ -297,13 +297,11 @@ def load_pipeline(path: str | Path, device=None, dtype=None, prediction_type: st
     A folder with pipeline.yaml is one of ours; a folder with model_index.json is a diffusers model; a
     .safetensors file is an SD single-file checkpoint (prediction_type and ema apply to those).
     """
-    from .io.sd_formats import is_diffusers_folder, read_model, refuse_pickle
+    from .io.sd_formats import is_diffusers_folder, read_model
 
     path = Path(path)
     try:
         if path.is_dir() and not is_model_dir(path) and is_diffusers_folder(path) or path.is_file():
-            if path.is_file():
-                refuse_pickle(path)
             pipe = Pipeline.from_states(*read_model(path, prediction_type, ema), name=str(path))
             # A1111 hashes the checkpoint file; a diffusers folder is hashed by its U-Net's file.
             pipe.model_hash = file_hash(path if path.is_file() else path / "unet" / "diffusion_pytorch_model.safetensors")

@@ -137,8 +137,9 @@ def _step_table(
 
 
 def _timestep_batches(timesteps: Tensor, x: Tensor) -> Tensor:
-    """(steps, B) LongTensor on x's device, moved once, so each step's t is a free row view."""
-    return timesteps.to(device=x.device, dtype=torch.long).view(-1, 1).expand(-1, x.shape[0])
+    """(steps, B) timesteps on x's device, moved once, so each step's t is a free row view; integer ones as long."""
+    dtype = timesteps.dtype if timesteps.is_floating_point() else torch.long  # Karras σs fall between table entries
+    return timesteps.to(device=x.device, dtype=dtype).view(-1, 1).expand(-1, x.shape[0])
 
 
 def ddim(

@@ -21,7 +21,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from .samplers import Callback, Model, _step_table, log_sigmas, randn_like_per_image
+from .samplers import Callback, Model, _step_table, _timestep_batches, log_sigmas, randn_like_per_image
 
 # ----------------------------------------------------------------------------- σ schedules
 
@@ -88,7 +88,7 @@ def dpmpp_2m_orders(steps: int) -> list[int]:
 def _start(x: Tensor, alphas_cumprod: Tensor, timesteps: Tensor, karras: bool):
     """(x = σ_max·z in the step dtype, σs as floats, the model's t as (steps, B) rows, each step's t as a number)."""
     sigmas, model_t = sampling_sigmas(alphas_cumprod, timesteps, karras)
-    t_rows = model_t.to(x.device).view(-1, 1).expand(-1, x.shape[0])
+    t_rows = _timestep_batches(model_t, x)
     # x = σ_max·z as in Karras et al. 2022 (Algorithm 1, line 1) and k-diffusion. diffusers departs: its Euler
     # schedulers start from init_noise_sigma·z = √(σ_max²+1)·z under leading spacing (σ_max·z otherwise), and
     # DPM-Solver from the VP sample z, which is x = √(σ_max²+1)·z under every spacing.

@@ -20,7 +20,7 @@ from typing import Optional
 
 import torch
 
-from ..config import ConfigError, PipelineConfig, SamplingConfig, ScheduleConfig, TextEncoderConfig, from_dict
+from ..config import ConfigError, PipelineConfig, SamplingConfig, ScheduleConfig, from_dict
 from ..errors import warn
 from ..registry import SAMPLERS, from_diffusers
 from .sd_text import diffusers_text, native_from_sd, single_file_text
@@ -256,8 +256,3 @@ def _sidecar_prediction_type(path: Path) -> str:
     except (OSError, yaml.YAMLError, AttributeError) as e:
         raise WeightsError(f"cannot read {path}: {type(e).__name__}") from None
     return "v_prediction" if params.get("parameterization", "eps") == "v" else "epsilon"
-
-
-def text_config_for_save(cfg: TextEncoderConfig, folder: Path) -> TextEncoderConfig:
-    """The text config as a saved model stores it: a tokenizer folder inside the model is named relatively."""
-    return replace(cfg, tokenizer="tokenizer") if cfg.tokenizer else cfg

@@ -245,10 +245,10 @@ def diffusers_text(root: str | Path) -> tuple[TextEncoderConfig, dict[str, torch
     """The config and weights of a diffusers folder's text encoder (text_encoder/ and tokenizer/)."""
     folder = Path(root) / "text_encoder"
     config = _read_json(folder / "config.json")
-    files = [folder / name for name in ("model.safetensors", "pytorch_model.bin") if (folder / name).is_file()]
-    if not files:
-        raise WeightsError(f"{folder}: no model.safetensors or pytorch_model.bin")
-    native = native_from_hf(load_weights_file(files[0]), str(files[0]))
+    weights = folder / "model.safetensors"  # pickled weights are refused by the caller (sd_formats), never read
+    if not weights.is_file():
+        raise WeightsError(f"{folder}: no model.safetensors")
+    native = native_from_hf(load_weights_file(weights), str(weights))
     activation = config.get("hidden_act")
     if activation not in ("gelu", "quick_gelu"):
         raise WeightsError(f"{folder / 'config.json'}: hidden_act {activation!r} is neither gelu nor quick_gelu")
