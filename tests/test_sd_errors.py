@@ -16,7 +16,7 @@ sys.path.insert(0, str(ROOT))
 
 import sample  # noqa: E402
 from diffusion.io.sd_formats import _choose_ema, read_scheduler, single_file_schedule  # noqa: E402
-from diffusion.io.weights import WeightsError  # noqa: E402
+from diffusion.io.weights import WeightsError, load_weights_file  # noqa: E402
 from diffusion.pipeline import PipelineError, load_pipeline  # noqa: E402
 
 
@@ -35,6 +35,18 @@ def test_a_pickle_is_refused_with_the_way_out(tmp_path, capsys):
     assert sample.main(["--model", str(ckpt), "--prompt", "x"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and "pickle" in err
+
+
+def test_a_file_that_is_not_a_model_is_one_line(tmp_path, capsys):
+    config = tmp_path / "sd15.yaml"
+    config.write_text("name: sd15\n")
+    assert sample.main(["--model", str(config), "--prompt", "x"]) == 1
+    assert capsys.readouterr().err == f"error: {config} is not a model: give our model folder, a diffusers folder or an SD .safetensors file\n"
+    garbage = tmp_path / "weights.pt"
+    garbage.write_text("not a pickle")
+    with pytest.raises(WeightsError) as e:
+        load_weights_file(garbage)
+    assert one_line(e).startswith(f"cannot read weights file {garbage}")
 
 
 def test_a_diffusers_folder_without_a_component_names_it(tmp_path):

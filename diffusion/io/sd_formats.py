@@ -64,6 +64,8 @@ def read_model(path: str | Path, prediction_type: Optional[str] = None, ema: str
     if path.is_dir():
         return read_diffusers_folder(path, prediction_type)
     refuse_pickle(path)
+    if path.suffix.lower() != ".safetensors":
+        raise WeightsError(f"{path} is not a model: give our model folder, a diffusers folder or an SD .safetensors file")
     return read_single_file(path, prediction_type, ema)
 
 

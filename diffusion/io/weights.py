@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import pickle
 from pathlib import Path
 
 import torch
@@ -32,7 +33,7 @@ def load_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
         if path.suffix == ".safetensors":
             return load_file(str(path))
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (SafetensorError, RuntimeError, OSError, EOFError, ValueError) as e:
+    except (SafetensorError, RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as e:
         raise WeightsError(f"cannot read weights file {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__} (is it truncated or corrupt?)") from None
     # Lightning-style checkpoints nest the weights.
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
