@@ -126,6 +126,9 @@ class ShapesConfig:
     num: int = 2000
     seed: int = 0
     held_out: tuple[str, ...] = ()  # (color, shape) pairs kept out, e.g. "red circle"
+    # Palette colors to draw, e.g. ["cyan"]; empty: the six default colors, which the quick start trains on
+    # (cyan is left out of them so that a LoRA adapter can teach it later).
+    colors: tuple[str, ...] = ()
 
 
 @dataclass
@@ -278,6 +281,19 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"training.eval_every must be >= 0 (0 turns it off), got {cfg.training.eval_every}")
     if cfg.training.eval_every and not cfg.data.shapes.generate:
         raise ConfigError("training.eval_every scores the built-in shapes prompts; it needs data.shapes.generate: true")
+    # Unknown colors, and held-out pairs outside them, fail at load time rather than when the data is made.
+    from .data.shapes import parse_pair, resolve_colors
+
+    shapes = cfg.data.shapes
+    try:
+        resolve_colors(shapes.colors)
+    except ValueError as e:
+        raise ConfigError(f"data.shapes.colors: {e}") from None
+    try:
+        for pair in shapes.held_out:
+            parse_pair(pair, shapes.colors)
+    except ValueError as e:
+        raise ConfigError(f"data.shapes.held_out: {e}") from None
     bad_levels = [lvl for lvl in cfg.unet.attention_levels if not 0 <= lvl < len(cfg.unet.channel_mult)]
     if bad_levels:
         raise ConfigError(f"unet.attention_levels {bad_levels} out of range for {len(cfg.unet.channel_mult)} levels")

@@ -3,6 +3,8 @@ pixels, held-out pairs kept out, and an evaluator that scores the dataset and to
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -24,7 +26,7 @@ from diffusion.data import (
     index_folder,
     parse_caption,
 )
-from diffusion.data.shapes import draw_shape
+from diffusion.data.shapes import DEFAULT_COLORS, RECIPE_FILE, draw_shape
 from diffusion.eval.shapes import classify, score
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,7 +43,7 @@ def shapes300(tmp_path_factory) -> tuple[list[Image.Image], list[str]]:
 
 def test_prompts_and_captions_round_trip():
     prompts = all_prompts()
-    assert len(prompts) == len(set(prompts)) == 90 == len(COLORS) * len(SHAPES) * len(POSITIONS)
+    assert len(prompts) == len(set(prompts)) == 90 == len(DEFAULT_COLORS) * len(SHAPES) * len(POSITIONS)
     assert prompts[0] == "a red circle in the center"
     assert caption("red", "circle", "top left") == "a red circle in the top left"
     assert [caption(*parse_caption(p)) for p in prompts] == prompts
@@ -135,7 +137,7 @@ def test_held_out_pairs_are_absent(tmp_path):
     captions = generate_shapes(tmp_path, 150, held_out=("red circle", "Blue square"))
     pairs = {parse_caption(t)[:2] for t in captions}
     assert ("red", "circle") not in pairs and ("blue", "square") not in pairs
-    assert len(pairs) == len(COLORS) * len(SHAPES) - 2  # every other pair still appears
+    assert len(pairs) == len(DEFAULT_COLORS) * len(SHAPES) - 2  # every other pair still appears
     with pytest.raises(ValueError, match="color"):
         generate_shapes(tmp_path / "x", 5, held_out=("red hexagon",))
 
@@ -166,6 +168,88 @@ def test_ensure_shapes_refuses_a_folder_made_with_other_settings(tmp_path):
         ensure_shapes(held)
     with pytest.raises(DataError, match="data.resolution=16"):
         ensure_shapes(DataConfig(path=cfg.path, resolution=32, shapes=cfg.shapes))
+
+
+# From the code before cyan joined the palette: the default prompts, and the pixels and captions of
+# generate_shapes(num=20, size=32, seed=0). The quick start's data and model depend on both. Pixels rather
+# than PNG bytes, so that another zlib does not fail the test.
+_DEFAULT_PROMPTS_SHA256 = "064a9ee4b7cdb9d35bb07b7014c50d4e8331ecbeb7160ec0bb385f46107ece4a"
+_DEFAULT_FOLDER_SHA256 = "745a56357c5d6c9ecbb63c2ef384586c2aa5479cde2ca8295b275e605fa50f3b"
+
+
+def _folder_sha256(folder: Path) -> str:
+    h = hashlib.sha256()
+    for png in sorted(folder.glob("*.png")):
+        h.update(np.asarray(Image.open(png).convert("RGB")).tobytes())
+        h.update(png.with_suffix(".txt").read_bytes())
+    return h.hexdigest()
+
+
+def test_default_dataset_is_unchanged_by_the_new_color(tmp_path):
+    prompts = all_prompts()
+    assert hashlib.sha256("\n".join(prompts).encode()).hexdigest() == _DEFAULT_PROMPTS_SHA256
+    assert prompts == all_prompts(()) == all_prompts(DEFAULT_COLORS) and not any("cyan" in p for p in prompts)
+    generate_shapes(tmp_path / "a", 20, size=32, seed=0)
+    generate_shapes(tmp_path / "b", 20, size=32, seed=0, colors=list(reversed(DEFAULT_COLORS)))
+    assert _folder_sha256(tmp_path / "a") == _folder_sha256(tmp_path / "b") == _DEFAULT_FOLDER_SHA256
+
+
+def test_cyan_dataset_is_scored_as_cyan(tmp_path):
+    assert list(COLORS)[-1] == "cyan" and "cyan" not in DEFAULT_COLORS
+    assert parse_caption("a cyan circle in the top left") == ("cyan", "circle", "top left")
+    captions = generate_shapes(tmp_path, 45, size=32, seed=0, colors=("Cyan",))
+    assert all_prompts(["cyan"]) == [caption("cyan", s, p) for s in SHAPES for p in POSITIONS]
+    assert sorted(set(captions)) == sorted(all_prompts(["cyan"]))  # 3 passes over the 15 prompts
+    got = [classify(Image.open(p)) for p in sorted(tmp_path.glob("*.png"))]
+    wrong = [t for g, t in zip(got, captions) if (g["color"], g["shape"], g["position"]) != parse_caption(t)]
+    assert not wrong
+    with pytest.raises(ValueError, match="unknown color 'teal'; choose from red, green, blue, yellow, purple, white, cyan"):
+        generate_shapes(tmp_path / "x", 5, colors=("teal",))
+    with pytest.raises(ValueError, match="color in cyan and shape"):
+        generate_shapes(tmp_path / "x", 5, colors=("cyan",), held_out=("red circle",))
+
+
+def test_recipe_records_the_colors(tmp_path):
+    from diffusion.config import Config, ConfigError
+    from diffusion.data import DataError
+
+    default = DataConfig(path=str(tmp_path / "shapes"), resolution=16, shapes=ShapesConfig(generate=True, num=6))
+    cyan = DataConfig(path=default.path, resolution=16, shapes=ShapesConfig(generate=True, num=6, colors=("cyan",)))
+    assert ensure_shapes(default) is True
+    with pytest.raises(DataError, match=r"data.shapes.colors=\['red', .*'white'\], but the config asks for \['cyan'\]"):
+        ensure_shapes(cyan)
+    # A recipe written before colors were recorded stands for the default colors: reused, not regenerated.
+    recipe = tmp_path / "shapes" / RECIPE_FILE
+    recipe.write_text(json.dumps({k: v for k, v in json.loads(recipe.read_text()).items() if k != "colors"}))
+    assert ensure_shapes(default) is False
+    with pytest.raises(DataError, match="data.shapes.colors"):
+        ensure_shapes(cyan)
+    with pytest.raises(ConfigError, match="^data.shapes.colors: unknown color 'teal'; choose from red, .*, cyan$"):
+        Config(data=DataConfig(shapes=ShapesConfig(colors=("teal",))))
+    with pytest.raises(ConfigError, match="^data.shapes.held_out: .* with color in cyan and shape"):
+        Config(data=DataConfig(shapes=ShapesConfig(colors=("cyan",), held_out=("red circle",))))
+
+
+def test_colors_on_the_command_lines(tmp_path, capsys):
+    from diffusion.data.__main__ import main as data_main
+    from diffusion.eval.__main__ import main as eval_main
+    from diffusion.eval.__main__ import select_prompts
+
+    assert data_main(["shapes", str(tmp_path / "out"), "--num", "4", "--colors", "teal"]) == 2
+    err = capsys.readouterr().err
+    assert err == "error: --colors: unknown color 'teal'; choose from red, green, blue, yellow, purple, white, cyan\n"
+    assert not (tmp_path / "out").exists()
+    assert data_main(["shapes", str(tmp_path / "out"), "--num", "4", "--colors", "cyan", "--colors", "white"]) == 0
+    captions = [p.read_text().split()[1] for p in sorted((tmp_path / "out").glob("*.txt"))]
+    assert set(captions) <= {"cyan", "white"} and len(captions) == 4
+
+    assert select_prompts(None, 1) == all_prompts()
+    cyan = select_prompts(["cyan"], 6)
+    assert len(cyan) == 90 and cyan == all_prompts(["cyan"]) * 6  # image i keeps seed i: repeats get new seeds
+    assert select_prompts(["cyan", "red"], 1) == all_prompts(["red"]) + all_prompts(["cyan"])
+    for bad in (["--colors", "teal"], ["--repeats", "0"]):  # refused before any model is loaded
+        assert eval_main(["shapes", "--model", str(tmp_path / "missing"), *bad]) == 2
+        assert len(capsys.readouterr().err.strip().splitlines()) == 1
 
 
 def test_evaluate_cli(tmp_path, capsys):

@@ -2,9 +2,11 @@
 
     python -m diffusion.data check FOLDER [--missing-caption error|empty|skip] [--min-size N]
     python -m diffusion.data shapes OUT [--num 2000] [--size 32] [--seed 0] [--held-out "red circle" ...]
+                                        [--colors cyan ...]
 
 `check` indexes an image-caption folder and prints what training would use and what it would skip,
-and why; it fails (exit 1) when nothing is usable. `shapes` writes the built-in shapes folder.
+and why; it fails (exit 1) when nothing is usable. `shapes` writes the built-in shapes folder, in the six
+default colors unless --colors names others (e.g. cyan, which the default data set leaves out).
 """
 
 from __future__ import annotations
@@ -42,6 +44,10 @@ def parse_args(argv: Sequence[str] | None):
         "--held-out", action="extend", nargs="+", default=[], metavar="PAIR",
         help='(color, shape) pairs to keep out, e.g. --held-out "red circle" "blue square"',
     )
+    shapes.add_argument(
+        "--colors", action="extend", nargs="+", default=None, metavar="COLOR",
+        help="draw only these colors, every shape and position, e.g. --colors cyan (default: the six default colors)",
+    )
     for sub in (check, shapes):
         sub.error = parser.error  # one line and exit 2 from the subcommands too
     return parser.parse_args(argv)
@@ -56,22 +62,27 @@ def check_folder(folder: str, missing_caption: str, min_size: int) -> None:
         raise DataError(f"no usable image-caption pairs in {folder}")
 
 
-def write_shapes(out: Path, num: int, size: int, seed: int, held_out: list[str]) -> None:
+def write_shapes(out: Path, num: int, size: int, seed: int, held_out: list[str], colors: list[str] | None = None) -> None:
     from diffusion.data.folder import DataError
-    from diffusion.data.shapes import generate_folder, parse_pair
+    from diffusion.data.shapes import generate_folder, parse_pair, resolve_colors
 
     if num < 1 or size < 8:
         raise UsageError(f"need --num >= 1 and --size >= 8, got --num {num} --size {size}")
     try:
+        resolve_colors(colors)
+    except ValueError as e:
+        raise UsageError(f"--colors: {e}") from None
+    try:
         for pair in held_out:
-            parse_pair(pair)
+            parse_pair(pair, colors)
     except ValueError as e:
         raise UsageError(str(e)) from None
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise DataError(f"{out} exists and is not empty; choose a new folder")
-    generate_folder(out, num, size, seed, held_out)
+    generate_folder(out, num, size, seed, held_out, colors)
     held = f", held out: {', '.join(held_out)}" if held_out else ""
-    print(f"wrote {num} images ({size}x{size}, seed {seed}{held}) to {out}")
+    only = f", colors: {', '.join(resolve_colors(colors))}" if colors else ""
+    print(f"wrote {num} images ({size}x{size}, seed {seed}{only}{held}) to {out}")
 
 
 def run(argv: Sequence[str] | None = None) -> None:
@@ -79,7 +90,7 @@ def run(argv: Sequence[str] | None = None) -> None:
     if args.command == "check":
         check_folder(args.folder, args.missing_caption, args.min_size)
     else:
-        write_shapes(Path(args.out), args.num, args.size, args.seed, args.held_out)
+        write_shapes(Path(args.out), args.num, args.size, args.seed, args.held_out, args.colors)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -5,6 +5,7 @@ we can measure that it does (see `diffusion.eval.shapes`). The output is an ordi
 folder (`00000.png` + `00000.txt`), so it goes through exactly the same loader as user data.
 
     python -m diffusion.data shapes data/shapes --num 2000 --size 32 --seed 0 --held-out "red circle"
+    python -m diffusion.data shapes data/cyan --num 300 --colors cyan
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from PIL import Image, ImageDraw
 from diffusion.config import DataConfig
 from diffusion.io.atomic import atomic_folder
 
-# The palette is part of the dataset's definition: the evaluator classifies colors against it.
+# The palette is part of the dataset's definition: the evaluator classifies colors against all of it.
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
     "green": (40, 180, 60),
@@ -28,7 +29,11 @@ COLORS: dict[str, tuple[int, int, int]] = {
     "yellow": (230, 210, 40),
     "purple": (150, 60, 210),
     "white": (240, 240, 240),
+    "cyan": (40, 210, 210),
 }
+# The colors of the default dataset and all_prompts(). Cyan stays out: the quick-start model never sees
+# it, so a LoRA adapter can teach it as a new concept, and the default files stay what they always were.
+DEFAULT_COLORS: tuple[str, ...] = ("red", "green", "blue", "yellow", "purple", "white")
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 # Shape centers as fractions of (width, height); y grows downwards, so "top" is the small y.
 POSITIONS: dict[str, tuple[float, float]] = {
@@ -66,17 +71,37 @@ def parse_caption(prompt: str) -> tuple[str, str, str]:
     return m[1], m[2], m[3]
 
 
-def all_prompts() -> list[str]:
-    """All 90 color x shape x position prompts, in a fixed order (colors, then shapes, then positions)."""
-    return [caption(c, s, p) for c in COLORS for s in SHAPES for p in POSITIONS]
+def resolve_colors(colors: Sequence[str] | None = None) -> tuple[str, ...]:
+    """The color names to draw: DEFAULT_COLORS for None or empty, else `colors` in palette order.
+
+    Palette order and no duplicates make ("cyan", "red") and ("red", "cyan") the same dataset, and the six
+    defaults given explicitly the default dataset. ValueError names the valid colors.
+    """
+    if not colors:
+        return DEFAULT_COLORS
+    wanted = {colors.lower()} if isinstance(colors, str) else {c.lower() for c in colors}
+    unknown = sorted(wanted - COLORS.keys())
+    if unknown:
+        raise ValueError(f"unknown color {', '.join(map(repr, unknown))}; choose from {', '.join(COLORS)}")
+    return tuple(c for c in COLORS if c in wanted)
 
 
-def parse_pair(pair: str) -> tuple[str, str]:
-    """A held-out pair such as "red circle" -> ("red", "circle"); ValueError names the valid words."""
+def all_prompts(colors: Sequence[str] | None = None) -> list[str]:
+    """Every color x shape x position prompt, in a fixed order (colors, then shapes, then positions).
+
+    The default colors give the 90 prompts of the default dataset; each color adds 15.
+    """
+    return [caption(c, s, p) for c in resolve_colors(colors) for s in SHAPES for p in POSITIONS]
+
+
+def parse_pair(pair: str, colors: Sequence[str] | None = None) -> tuple[str, str]:
+    """A held-out pair such as "red circle" -> ("red", "circle"), its color among `colors` (None: the
+    defaults); ValueError names the valid words."""
+    colors = resolve_colors(colors)
     words = pair.lower().split()
-    if len(words) != 2 or words[0] not in COLORS or words[1] not in SHAPES:
+    if len(words) != 2 or words[0] not in colors or words[1] not in SHAPES:
         raise ValueError(
-            f"held-out pair {pair!r} must be '<color> <shape>' with color in {', '.join(COLORS)} "
+            f"held-out pair {pair!r} must be '<color> <shape>' with color in {', '.join(colors)} "
             f"and shape in {', '.join(SHAPES)}"
         )
     return words[0], words[1]
@@ -105,10 +130,10 @@ def draw_shape(color: str, shape: str, center: tuple[float, float], side: float,
     return img.resize((size, size), Image.Resampling.BOX)
 
 
-def _combos(held_out: Iterable[str]) -> list[tuple[str, str, str]]:
-    """Every (color, shape, position) allowed for training, in the fixed all_prompts() order."""
-    excluded = {parse_pair(p) for p in held_out}
-    combos = [(c, s, p) for c in COLORS for s in SHAPES for p in POSITIONS if (c, s) not in excluded]
+def _combos(held_out: Iterable[str], colors: Sequence[str] | None = None) -> list[tuple[str, str, str]]:
+    """Every (color, shape, position) allowed for training, in the fixed all_prompts(colors) order."""
+    excluded = {parse_pair(p, colors) for p in held_out}
+    combos = [(c, s, p) for c in resolve_colors(colors) for s in SHAPES for p in POSITIONS if (c, s) not in excluded]
     if not combos:
         raise ValueError("every (color, shape) pair is held out; nothing left to generate")
     return combos
@@ -125,16 +150,17 @@ def _sample(rng: random.Random, anchor: tuple[float, float]) -> tuple[tuple[floa
 
 
 def generate_shapes(
-    out_dir: str | Path, num: int, size: int = 32, seed: int = 0, held_out: Sequence[str] = ()
+    out_dir: str | Path, num: int, size: int = 32, seed: int = 0, held_out: Sequence[str] = (),
+    colors: Sequence[str] | None = None,
 ) -> list[str]:
     """Write `num` images `{i:05d}.png` with captions `{i:05d}.txt` into out_dir; returns the captions.
 
     The same arguments give the same bytes. Combinations are drawn as shuffled passes over every allowed
-    (color, shape, position), so even a small dataset covers them evenly.
+    (color, shape, position), so even a small dataset covers them evenly. `colors` None: DEFAULT_COLORS.
     """
     if num < 1 or size < 8:
         raise ValueError(f"need num >= 1 and size >= 8, got num={num}, size={size}")
-    combos = _combos(held_out)
+    combos = _combos(held_out, colors)
     rng = random.Random(seed)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -156,35 +182,45 @@ def _is_empty(path: Path) -> bool:
     return not path.exists() or (path.is_dir() and not any(path.iterdir()))
 
 
-def generate_folder(out: Path, num: int, size: int, seed: int, held_out: Sequence[str]) -> None:
+def generate_folder(
+    out: Path, num: int, size: int, seed: int, held_out: Sequence[str], colors: Sequence[str] | None = None
+) -> None:
     """Generate the dataset and its recipe into a temporary folder that becomes `out` whole.
 
     A crash never leaves a half-written dataset behind, and several ranks can call this at once with no
     collective: each writes identical bytes and the first to finish is kept.
     """
     with atomic_folder(out, replace=False) as tmp:
-        generate_shapes(tmp, num, size, seed, held_out)
-        (tmp / RECIPE_FILE).write_text(json.dumps(_recipe(num, size, seed, held_out)) + "\n", encoding="utf-8")
+        generate_shapes(tmp, num, size, seed, held_out, colors)
+        recipe = _recipe(num, size, seed, held_out, colors)
+        (tmp / RECIPE_FILE).write_text(json.dumps(recipe) + "\n", encoding="utf-8")
 
 
-def _recipe(num: int, size: int, seed: int, held_out: Sequence[str]) -> dict:
-    return {"num": num, "size": size, "seed": seed, "held_out": sorted(" ".join(parse_pair(p)) for p in held_out)}
+def _recipe(num: int, size: int, seed: int, held_out: Sequence[str], colors: Sequence[str] | None = None) -> dict:
+    return {
+        "num": num,
+        "size": size,
+        "seed": seed,
+        "held_out": sorted(" ".join(parse_pair(p, colors)) for p in held_out),
+        "colors": list(resolve_colors(colors)),
+    }
 
 
 def ensure_shapes(cfg: DataConfig) -> bool:
     """Generate the shapes dataset at cfg.path when cfg.shapes.generate and the folder is missing or empty.
 
-    Images are generated at cfg.resolution. Returns True when this call wrote the dataset. A folder that
-    this function generated with other settings raises DataError, naming the setting that differs.
+    Images are generated at cfg.resolution, in the colors of cfg.shapes.colors. Returns True when this call
+    wrote the dataset. A folder that this function generated with other settings raises DataError, naming
+    the setting that differs.
     """
     out = Path(cfg.path)
     s = cfg.shapes
     if not s.generate:
         return False
     if not _is_empty(out):
-        _check_recipe(out, _recipe(s.num, cfg.resolution, s.seed, s.held_out))
+        _check_recipe(out, _recipe(s.num, cfg.resolution, s.seed, s.held_out, s.colors))
         return False
-    generate_folder(out, s.num, cfg.resolution, s.seed, s.held_out)
+    generate_folder(out, s.num, cfg.resolution, s.seed, s.held_out, s.colors)
     return True
 
 
@@ -195,7 +231,15 @@ def _check_recipe(out: Path, want: dict) -> None:
         have = json.loads((out / RECIPE_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return  # not generated here (or by an older version): the folder is the user's data
-    names = {"num": "data.shapes.num", "size": "data.resolution", "seed": "data.shapes.seed", "held_out": "data.shapes.held_out"}
+    # Recipes written before the palette grew have no colors; they were made with the default ones.
+    have.setdefault("colors", list(DEFAULT_COLORS))
+    names = {
+        "num": "data.shapes.num",
+        "size": "data.resolution",
+        "seed": "data.shapes.seed",
+        "held_out": "data.shapes.held_out",
+        "colors": "data.shapes.colors",
+    }
     for key, name in names.items():
         if have.get(key) != want[key]:
             raise DataError(

@@ -7,7 +7,9 @@ tolerate imperfect samples (a noisy or grey background, soft edges, stray specks
    most ~20% of the image) and coverage runs from 0 there to 1 at the bright peak. The shape is the
    largest connected blob of pixels more than half covered, plus a rim for soft edges; specks of noise
    elsewhere are ignored.
-2. Color: the palette color nearest to the median RGB of the blob's core.
+2. Color: the palette color nearest to the median RGB of the blob's core. The palette is all of COLORS,
+   cyan included, although the default dataset leaves cyan out: a model taught cyan (by a LoRA adapter)
+   is scored against the same palette as one that was not.
 3. Shape: an ideal circle, square and up-pointing triangle, each sized and placed from the blob's mass
    and centroid (which blur preserves) and blurred by a few amounts; the least-squares fit wins.
 4. Position: the anchor nearest to the fitted shape's center.
@@ -32,7 +34,7 @@ from diffusion.data.shapes import COLORS, POSITIONS, SHAPES, parse_caption
 
 ATTRIBUTES = ("color", "shape", "position")
 MIN_CONTRAST = 40.0  # peak minus background (0-255) below which we call the image empty
-_PALETTE = np.array(list(COLORS.values()), dtype=np.float64)  # (6, 3)
+_PALETTE = np.array(list(COLORS.values()), dtype=np.float64)  # (len(COLORS), 3)
 _AREA = {"circle": np.pi / 4, "square": 1.0, "triangle": 0.5}  # area / side**2
 _BLURS = (0.0, 0.04, 0.08, 0.12, 0.16)  # Gaussian sigmas tried, relative to the shape's side
 # Halfway between an ideal circle's fill (pi/4) and a square's (1). Blur moves circles and triangles
