@@ -45,6 +45,7 @@ class GenerationParams:
     model_hash: str = ""
     batch_size: int = 1
     batch_pos: int = 0
+    loras: tuple[tuple[str, float, str], ...] = ()  # (name, multiplier, short hash) of each adapter applied
 
     def to_infotext(self) -> str:
         pairs = {
@@ -58,9 +59,11 @@ class GenerationParams:
             "Eta": self.eta,
             "Batch size": self.batch_size if self.batch_size > 1 else "",
             "Batch pos": self.batch_pos if self.batch_size > 1 else "",
+            "Lora hashes": ", ".join(f"{name}: {h}" for name, _, h in self.loras if h),
         }
         last = ", ".join(f"{k}: {_quote(v)}" for k, v in pairs.items() if v != "")
-        lines = [self.prompt]
+        # The web UI reads adapters from `<lora:name:multiplier>` tags in the prompt.
+        lines = [self.prompt + "".join(f" <lora:{name}:{m:g}>" for name, m, _ in self.loras)]
         if self.negative_prompt:
             lines.append(f"Negative prompt: {self.negative_prompt}")
         return "\n".join([*lines, last])
@@ -72,6 +75,7 @@ class GenerationParams:
     def from_json(cls, text: str) -> "GenerationParams":
         data = json.loads(text)
         names = {f.name for f in dataclasses.fields(cls)}
+        data["loras"] = tuple((str(n), float(m), str(h)) for n, m, h in data.get("loras", ()))
         return cls(**{k: v for k, v in data.items() if k in names})
 
     @classmethod
@@ -84,7 +88,8 @@ class GenerationParams:
             raise ValueError("no generation parameters found (expected a 'Steps: ..., Sampler: ...' line)")
         body = lines[:-1]
         negative_at = next((i for i, ln in enumerate(body) if ln.startswith("Negative prompt:")), len(body))
-        prompt = "\n".join(body[:negative_at])
+        prompt, tags = split_lora_tags("\n".join(body[:negative_at]))
+        hashes = dict(_lora_hash(entry) for entry in pairs.get("Lora hashes", "").split(",") if entry.strip())
         negative = "\n".join(body[negative_at:])[len("Negative prompt:"):].strip() if negative_at < len(body) else ""
         size = pairs.get("Size", "32x32")
         try:
@@ -106,7 +111,28 @@ class GenerationParams:
             model_hash=pairs.get("Model hash", ""),
             batch_size=_field(pairs, "Batch size", int, 1),
             batch_pos=_field(pairs, "Batch pos", int, 0),
+            loras=tuple((name, m, hashes.get(name, "")) for name, m in tags),
         )
+
+
+# The web UI's extra-network tag: <lora:name> or <lora:name:multiplier>.
+_LORA_TAG = re.compile(r"<lora:([^:>]+)(?::([^:>]+))?(?::[^>]*)?>")
+
+
+def split_lora_tags(prompt: str) -> tuple[str, list[tuple[str, float]]]:
+    """("a cat <lora:ink:0.8>") -> ("a cat", [("ink", 0.8)]): the prompt the text encoder sees, and the adapters."""
+    tags = []
+    for name, multiplier in _LORA_TAG.findall(prompt):
+        try:
+            tags.append((name.strip(), float(multiplier) if multiplier else 1.0))
+        except ValueError:
+            raise ValueError(f"<lora:{name}:{multiplier}> in the prompt: the multiplier must be a number") from None
+    return " ".join(_LORA_TAG.sub(" ", prompt).split()) if tags else prompt, tags
+
+
+def _lora_hash(entry: str) -> tuple[str, str]:
+    name, _, h = entry.rpartition(":")
+    return name.strip(), h.strip()
 
 
 def _field(pairs: dict[str, str], key: str, kind: type, default):

@@ -94,6 +94,8 @@ class Pipeline:
         self.device = torch.device("cpu")
         self.dtype = torch.float32
         self.model_hash = ""
+        self.loras: list = []  # adapters merged into the weights (lora.merge.Applied), for the infotext
+        self.lora_base: dict = {}  # the base weights that adapters changed, kept to restore them exactly
         for module in self.modules():
             module.eval()
 
@@ -115,6 +117,15 @@ class Pipeline:
         self.unet.to(self.device, self.dtype)
         self.schedule = self.schedule.to(self.device)
         return self
+
+    def set_loras(self, stack: list) -> None:
+        """Merge [(LoRA, multiplier), ...] into the weights, replacing any adapters applied before ([]: none)."""
+        from .lora.merge import apply_loras
+
+        if [(lora.name, lora.hash, m) for lora, m in stack] != [(a.name, a.hash, a.multiplier) for a in self.loras] or any(
+            not lora.hash for lora, _ in stack
+        ):
+            apply_loras(self, stack)
 
     # ------------------------------------------------------------------ save / load
 
@@ -233,6 +244,7 @@ class Pipeline:
                 prompt=prompt, negative_prompt=negative_prompt, steps=steps, sampler=sampler, guidance=guidance,
                 seed=seed + i, height=height, width=width, eta=eta, model_name=self.cfg.info.name, model_hash=self.model_hash,
                 batch_size=min(batch_size, len(prompts) - i // batch_size * batch_size), batch_pos=i % batch_size,
+                loras=tuple((a.name, a.multiplier, a.hash) for a in self.loras),
             ))
         return images
 

@@ -110,7 +110,7 @@ def _hf_prefix(state: dict[str, torch.Tensor]) -> str:
     return HF_PREFIX if any(k.startswith(HF_PREFIX) for k in state) else ""
 
 
-def _hf_links(shapes: dict[str, tuple[int, ...]], layers: int, prefix: str) -> list[Link]:
+def hf_links(shapes: dict[str, tuple[int, ...]], layers: int, prefix: str) -> list[Link]:
     """Where each of our tensors is in Hugging Face's layout; the projection, transposed, aside."""
     links = [Link(TOWER + "positional_embedding", (prefix + "embeddings.position_embedding.weight",))]
     links += expand(shapes, TOWER + "token_embedding", prefix + "embeddings.token_embedding", PLAIN)
@@ -132,7 +132,7 @@ def native_from_hf(state: dict[str, torch.Tensor], what: str = HF_WHAT) -> dict[
     arch = hf_arch(state, what)
     shapes = _native_shapes(arch)
     body = {k: v for k, v in state.items() if k != HF_PROJECTION}
-    native = to_native(body, _hf_links(shapes, arch.layers, prefix), shapes, what)
+    native = to_native(body, hf_links(shapes, arch.layers, prefix), shapes, what)
     if arch.embed_dim:
         check_shape(HF_PROJECTION, state[HF_PROJECTION], (arch.embed_dim, arch.width), what)
         native[PROJECTION] = state[HF_PROJECTION].t().contiguous()
@@ -144,7 +144,7 @@ def hf_from_native(native: dict[str, torch.Tensor], prefix: str = HF_PREFIX) -> 
     both read the `text_model.` prefix."""
     arch = native_arch(native)
     shapes = _native_shapes(arch)
-    hf = from_native(native, _hf_links(shapes, arch.layers, prefix), shapes, NATIVE_WHAT)
+    hf = from_native(native, hf_links(shapes, arch.layers, prefix), shapes, NATIVE_WHAT)
     if arch.embed_dim:
         hf[HF_PROJECTION] = native[PROJECTION].t().contiguous()
     return hf
