@@ -3,6 +3,7 @@
     python sample.py --model DIR --prompt "a red circle in the top left" [--num-images 4 --grid]
     python sample.py --model DIR --prompts-file prompts.txt      # one prompt per line
     python sample.py --from-png outputs/00003-45.png --model DIR  # regenerate an image from its metadata
+    python sample.py --model DIR --prompt "a cyan circle" --lora cyan.safetensors:0.8   # with a LoRA adapter
 
 All sampling happens in Pipeline.generate(), the same call the Gradio demo (app.py) makes. This
 script only reads arguments, names files and writes PNGs carrying their parameters (A1111 infotext).
@@ -15,6 +16,9 @@ script only reads arguments, names files and writes PNGs carrying their paramete
   and get renamed). Flags given next to --from-png override the PNG's values. A model whose hash
   differs from the PNG's is reported, because the pixels will differ. The image is rebuilt in a
   batch of its recorded size and position (Pipeline.regenerate), so the pixels are the same ones.
+- LoRA adapters: --lora FILE[:SCALE] (repeatable) and `<lora:name:m>` tags in the prompt, which are
+  stripped from the text the encoder sees and looked up as NAME.safetensors in --lora-dir (as the web
+  UI does). --from-png looks up the PNG's adapters there too; --lora flags replace them.
 """
 
 from __future__ import annotations
@@ -29,10 +33,11 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
-from diffusion.cli import ArgumentParser, add_device_args, add_model_args, load_model, resolve_seed, run_main
+from diffusion.cli import ArgumentParser, add_device_args, add_lora_args, add_model_args, load_model, resolve_seed, run_main
 from diffusion import registry
 from diffusion.errors import ToolkitError, UsageError, warn
 from diffusion.infotext import JSON_KEY, GenerationParams, attach, read_png_params, save_png
+from diffusion.lora.merge import describe, resolve_stack, split_prompt_tags
 from diffusion.pipeline import image_grid
 
 GENERATION_FLAGS = ("negative_prompt", "sampler", "steps", "guidance", "eta", "seed", "height", "width")
@@ -57,6 +62,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--width", type=int, help="a multiple of the VAE factor (default: the model's resolution)")
     p.add_argument("--out", default="outputs", help="output folder (default: outputs)")
     p.add_argument("--grid", action="store_true", help="also write all images as one grid image")
+    add_lora_args(p)
     add_device_args(p)
     return p.parse_args(argv)
 
@@ -97,6 +103,13 @@ def request_from_args(args) -> tuple[list[str], dict, GenerationParams | None]:
     return prompts, kwargs, stored
 
 
+def adapters_from_args(args, prompts: list[str], stored: GenerationParams | None) -> tuple[list[str], list]:
+    """The prompts without their <lora:...> tags, and the adapters that flags, tags or the PNG ask for."""
+    prompts, tags = split_prompt_tags(prompts, "--prompts-file" if args.prompts_file else "--prompt")
+    recorded = stored.loras if stored is not None else ()
+    return prompts, resolve_stack(args.lora, tags, args.lora_dir, recorded, recorded_from=args.from_png or "the image")
+
+
 def next_number(folder: Path, prefix: str = "") -> int:
     """One more than the highest `<prefix><number>-...` / `<prefix><number>.png` name in folder."""
     pattern = re.compile(re.escape(prefix) + r"(\d+)[-.]")
@@ -134,6 +147,7 @@ def generate_files(argv: list[str] | None = None) -> list[Path]:
     if not args.model:
         recorded = f" (it records model '{stored.model_name}', hash {stored.model_hash or 'unknown'})" if stored else ""
         raise UsageError(f"--model DIR is required{recorded}; point it at the model folder")
+    prompts, stack = adapters_from_args(args, prompts, stored)  # read before the model: a bad file costs no load
     kwargs["seed"] = resolve_seed(0 if kwargs["seed"] is None else kwargs["seed"], len(prompts) * args.num_images)
     if args.seed == -1:
         print(f"random seed: {kwargs['seed']}", file=sys.stderr)
@@ -141,6 +155,9 @@ def generate_files(argv: list[str] | None = None) -> list[Path]:
     pipe = load_model(args.model, args.device, args.dtype, args.prediction_type, args.ema)
     if stored is not None and stored.model_hash and stored.model_hash != pipe.model_hash:
         warn(f"{args.from_png} was made by model hash {stored.model_hash}, but {args.model} is {pipe.model_hash}; the pixels will differ")
+    pipe.set_loras(stack)  # a LoRA made for another base model is refused here, naming its first misfit layer
+    if stack:
+        print(describe(pipe, stack), file=sys.stderr)
 
     bars: list[tqdm] = []  # made at the first step, so that a rejected argument prints no empty bar
 

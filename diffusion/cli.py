@@ -65,6 +65,16 @@ def add_single_file_args(parser: argparse.ArgumentParser) -> None:
                         help="for a single file: its EMA weights (model_ema.*) or the raw ones (default auto: EMA when present)")
 
 
+def add_lora_args(parser: argparse.ArgumentParser, dirs: bool = True) -> None:
+    """--lora FILE[:SCALE] (repeatable, stacks) and --lora-dir, where adapters named by prompt tags or a PNG are found."""
+    parser.add_argument("--lora", action="append", metavar="FILE[:SCALE]",
+                        help="apply a LoRA .safetensors with this multiplier (default 1); repeat to stack adapters")
+    if dirs:
+        parser.add_argument("--lora-dir", action="append", metavar="DIR",
+                            help="where <lora:name:m> prompt tags and a PNG's adapters are looked up, as NAME.safetensors "
+                                 "(repeatable; the folders of the --lora files are searched too)")
+
+
 def load_model(path: str, device: str | None = None, dtype: str = "fp32", prediction_type: str | None = None, ema: str = "auto"):
     """Load a model in any format the toolkit reads; PipelineError (exit 1) says why one cannot be used."""
     import torch

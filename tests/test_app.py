@@ -55,8 +55,9 @@ def client(server):
 
 
 def generate(client, prompt="a red circle", negative="", sampler="ddim", steps=2, guidance=2.0, eta=0.0, seed=5,
-             num_images=2, height=16, width=16):
-    return client.predict(prompt, negative, sampler, steps, guidance, eta, seed, num_images, height, width, api_name="/generate")
+             num_images=2, height=16, width=16, lora="None", lora_scale=1.0):
+    return client.predict(prompt, negative, sampler, steps, guidance, eta, seed, num_images, height, width, lora, lora_scale,
+                          api_name="/generate")
 
 
 # ----------------------------------------------------------------------------- the API endpoint
@@ -130,6 +131,20 @@ def test_page_shows_the_model_and_example_prompts(pipeline):
     # Picking a sampler sets its own default step count (DPM++ 20, DDIM 50), as the web UI does.
     [on_change] = [fn for fn in demo.fns.values() if fn.name == "<lambda>"]
     assert on_change.fn("dpmpp_2m_karras") == 20 and on_change.fn("ddim") == 50
+
+
+@pytest.mark.slow
+def test_lora_picker_lists_the_folder(pipeline, tmp_path):
+    props = [c.get("props", {}) for c in app.build_demo(pipeline).config["components"]]
+    assert [p.get("visible") for p in props if str(p.get("label")).startswith("LoRA ")] == [False, False]  # no --lora-dir
+    for name in ("ink", "cyan"):
+        (tmp_path / f"{name}.safetensors").write_bytes(b"")
+    (tmp_path / "notes.txt").write_text("not an adapter")
+    props = [c.get("props", {}) for c in app.build_demo(pipeline, str(tmp_path)).config["components"]]
+    picker = next(p for p in props if p.get("label") == f"LoRA (from {tmp_path})")
+    assert [value for _, value in picker["choices"]] == ["None", "cyan", "ink"] and picker["value"] == "None"
+    slider = next(p for p in props if p.get("label") == "LoRA multiplier")
+    assert (slider["minimum"], slider["maximum"], slider["step"], slider["value"]) == (0.0, 2.0, 0.05, 1.0)
 
 
 def _chromium_or_skip():

@@ -1,14 +1,15 @@
 """Score models and images on the built-in shapes task.
 
     python -m diffusion.eval shapes --model runs/shapes/model [--sampler ddim|ddpm] [--steps N] [--guidance G]
-                                    [--colors cyan ...] [--repeats N]
+                                    [--colors cyan ...] [--repeats N] [--lora FILE[:SCALE] ...]
     python -m diffusion.eval folder FOLDER      # score an image-caption folder, e.g. saved samples
 
 `shapes` generates one image for each of the 90 color x shape x position prompts (seeds 0-89, the
 model's default sampler settings unless overridden), classifies each with the pixel evaluator, and
 prints per-attribute accuracy as JSON. Pairs the model never saw in training are also scored on their own.
 `--colors` scores only the prompts of those colors (15 each); `--repeats N` draws the prompt list N times
-over with successive seeds, e.g. `--colors cyan --repeats 6` scores 90 cyan images.
+over with successive seeds, e.g. `--colors cyan --repeats 6` scores 90 cyan images. `--lora` (repeatable)
+merges adapters into the model before scoring; the JSON lists them under "loras".
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import json
 import sys
 from typing import Sequence
 
-from ..cli import ArgumentParser, add_model_args, run_main
+from ..cli import ArgumentParser, add_lora_args, add_model_args, run_main
 from ..errors import UsageError
 
 
@@ -36,6 +37,7 @@ def parse_args(argv: Sequence[str] | None):
         help="score only the prompts of these colors, e.g. --colors cyan (default: the six default colors)",
     )
     shapes.add_argument("--repeats", type=int, default=1, metavar="N", help="draw every prompt N times, seeds continuing (default 1)")
+    add_lora_args(shapes, dirs=False)
     folder = tasks.add_parser("folder", help="score an image-caption folder of shapes images")
     folder.add_argument("folder")
     for sub in (shapes, folder):
@@ -51,14 +53,20 @@ def evaluate(argv: Sequence[str] | None = None) -> None:
     import torch
 
     from ..cli import load_model
+    from ..lora.merge import describe, resolve_stack
     from .fidelity import evaluate_shapes
 
     if not args.model:
         raise UsageError("shapes needs --model")
     prompts = select_prompts(args.colors, args.repeats)  # before loading: a typo costs no model load
+    stack = resolve_stack(args.lora)
     pipe = load_model(args.model, device=args.device, prediction_type=args.prediction_type, ema=args.ema)
+    pipe.set_loras(stack)
+    if stack:
+        print(describe(pipe, stack), file=sys.stderr)
     with torch.inference_mode():
         result = evaluate_shapes(pipe, args.sampler, args.steps, args.guidance, args.batch_size, prompts=prompts)
+    result["loras"] = [{"name": a.name, "multiplier": a.multiplier, "hash": a.hash} for a in pipe.loras]
     print(json.dumps(result, indent=2))
 
 

@@ -94,5 +94,66 @@ def find_in_dirs(name: str, dirs: list[Path]) -> Path:
         candidate = folder / f"{name}.safetensors"
         if candidate.is_file():
             return candidate
-    where = ", ".join(str(d) for d in dirs) or "no folder (pass --lora-dir)"
-    raise LoRAError(f"LoRA '{name}' not found in {where}; pass --lora-dir with the folder that holds {name}.safetensors")
+    where = f"not found in {', '.join(str(d) for d in dirs)}" if dirs else "not found: no LoRA folder was given"
+    raise LoRAError(f"LoRA '{name}' {where}; pass --lora-dir with the folder that holds {name}.safetensors")
+
+
+def split_prompt_tags(prompts: list[str], what: str = "the prompt") -> tuple[list[str], list[tuple[str, float]]]:
+    """The prompts without their `<lora:name:m>` tags (what the text encoder sees), and the tags.
+
+    Adapters are merged into the weights, so one generate() call has one stack: every prompt must
+    carry the same tags (a prompt without tags among tagged ones would still get the adapters).
+    """
+    from ..errors import UsageError
+    from ..infotext import split_lora_tags
+
+    clean, tag_sets = [], []
+    for prompt in prompts:
+        try:
+            text, tags = split_lora_tags(prompt)
+        except ValueError as e:
+            raise UsageError(f"{what}: {e}") from None
+        clean.append(text)
+        tag_sets.append(tags)
+    for i, tags in enumerate(tag_sets[1:], start=2):
+        if tags != tag_sets[0]:
+            raise UsageError(f"{what}: prompt {i} carries {_tags(tags)} but prompt 1 carries {_tags(tag_sets[0])}; "
+                             "give every prompt the same <lora:...> tags, or pass the adapters with --lora")
+    return clean, tag_sets[0] if tag_sets else []
+
+
+def _tags(tags: list[tuple[str, float]]) -> str:
+    return " ".join(f"<lora:{name}:{m:g}>" for name, m in tags) or "no tags"
+
+
+def resolve_stack(specs: list[str] | None, tags: list[tuple[str, float]] = (), dirs: list[str | Path] | None = None,
+                  recorded: tuple[tuple[str, float, str], ...] = (), recorded_from: str = "the image") -> list[tuple[LoRA, float]]:
+    """The adapters a generation asks for: --lora FILE[:MULT] flags, then prompt tags, else an infotext's.
+
+    Tags and recorded adapters are named without a folder: NAME.safetensors is looked up in dirs, then
+    in the folders of the flags' files. Flags replace recorded adapters (as flags replace any other
+    recorded value); a recorded one whose file hashes differently is used with a warning.
+    """
+    from ..errors import warn
+
+    stack = [(_read_spec(path), multiplier) for path, multiplier in map(parse_spec, specs or [])]
+    folders = list(dict.fromkeys([Path(d) for d in dirs or []] + [Path(parse_spec(s)[0]).parent for s in specs or []]))
+    for name, multiplier in tags:
+        stack.append((read_lora(find_in_dirs(name, folders)), multiplier))
+    if specs or tags:
+        return stack
+    for name, multiplier, recorded_hash in recorded:
+        path = find_in_dirs(name, folders)
+        lora = read_lora(path)
+        if recorded_hash and lora.hash != recorded_hash:
+            warn(f"{recorded_from} was made with LoRA {name} hash {recorded_hash}, but {path} is {lora.hash}; the pixels will differ")
+        stack.append((lora, multiplier))
+    return stack
+
+
+def _read_spec(path: str) -> LoRA:
+    """read_lora, but a FILE:SCALE whose SCALE is not a number (parse_spec then kept it all as the path) says so."""
+    head, sep, tail = path.rpartition(":")
+    if sep and head and not Path(path).exists() and Path(head).is_file():
+        raise LoRAError(f"LoRA {path}: the scale '{tail}' is not a number; write FILE:SCALE, e.g. {head}:0.8")
+    return read_lora(path)
