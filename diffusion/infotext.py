@@ -63,7 +63,7 @@ class GenerationParams:
         }
         last = ", ".join(f"{k}: {_quote(v)}" for k, v in pairs.items() if v != "")
         # The web UI reads adapters from `<lora:name:multiplier>` tags in the prompt.
-        lines = [self.prompt + "".join(f" <lora:{name}:{m:g}>" for name, m, _ in self.loras)]
+        lines = [self.prompt + "".join(f" <lora:{name}:{_number(m)}>" for name, m, _ in self.loras)]
         if self.negative_prompt:
             lines.append(f"Negative prompt: {self.negative_prompt}")
         return "\n".join([*lines, last])
@@ -119,15 +119,35 @@ class GenerationParams:
 _LORA_TAG = re.compile(r"<lora:([^:>]+)(?::([^:>]+))?(?::[^>]*)?>")
 
 
+# A run of tags with the spaces around it, removed as one.
+_LORA_RUN = re.compile(r"[ \t]*(?:" + _LORA_TAG.pattern + r"[ \t]*)+")
+
+
 def split_lora_tags(prompt: str) -> tuple[str, list[tuple[str, float]]]:
-    """("a cat <lora:ink:0.8>") -> ("a cat", [("ink", 0.8)]): the prompt the text encoder sees, and the adapters."""
+    """("a cat <lora:ink:0.8>") -> ("a cat", [("ink", 0.8)]): the prompt the text encoder sees, and the adapters.
+
+    Only the tags and the spaces beside them go (a space stays between two words they separated): the
+    rest of the prompt, its line breaks and spacing, is kept as written, so an infotext reads back the prompt.
+    """
     tags = []
     for name, multiplier in _LORA_TAG.findall(prompt):
         try:
             tags.append((name.strip(), float(multiplier) if multiplier else 1.0))
         except ValueError:
             raise ValueError(f"<lora:{name}:{multiplier}> in the prompt: the multiplier must be a number") from None
-    return " ".join(_LORA_TAG.sub(" ", prompt).split()) if tags else prompt, tags
+
+    def gap(m: re.Match) -> str:
+        before, after = m.string[: m.start()], m.string[m.end():]
+        edge = not before or before.endswith("\n") or not after or after[0] in ",.;:!?)\n"
+        return "" if edge else " "
+
+    return _LORA_RUN.sub(gap, prompt) if tags else prompt, tags
+
+
+def _number(value: float) -> str:
+    """1.0 -> "1", 0.8 -> "0.8", and 1/3 in full: the shortest text that reads back as the same float."""
+    short = f"{value:g}"
+    return short if float(short) == value else repr(value)
 
 
 def _lora_hash(entry: str) -> tuple[str, str]:

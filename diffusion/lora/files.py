@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import struct
 from pathlib import Path
@@ -97,7 +98,7 @@ def lora_from_state(state: dict[str, torch.Tensor], metadata: dict[str, str], wh
             missing = "down" if "down" not in tensors else "up"
             raise LoRAError(f"{what}: layer {layer} has no {missing} weight")
         down, up = tensors["down"].float(), tensors["up"].float()
-        if down.ndim not in (2, 4) or up.ndim != down.ndim or up.shape[1] != down.shape[0]:
+        if down.ndim not in (2, 4) or up.ndim != down.ndim or up.shape[1] != down.shape[0] or up.shape[2:] not in ((), (1, 1)):
             raise LoRAError(f"{what}: layer {layer} has down {tuple(down.shape)} and up {tuple(up.shape)}, which do not form B·A")
         alpha = float(tensors["alpha"]) if "alpha" in tensors else alphas.alpha(layer, down.shape[0])
         layers[layer] = LoRALayer(down, up, alpha)
@@ -136,10 +137,13 @@ class _AlphaRule:
         config = self.configs.get(component)
         if not config:
             return float(rank)
-        for pattern, alpha in (config.get("alpha_pattern") or {}).items():
+        alpha = float(config.get("lora_alpha") or rank)
+        for pattern, value in (config.get("alpha_pattern") or {}).items():
             if re.match(rf"(.*\.)?({pattern})$", layer):
-                return float(alpha)
-        return float(config.get("lora_alpha") or rank)
+                alpha = float(value)
+                break
+        # rsLoRA (Kalajdzievski 2023) scales by alpha/√rank: the alpha that gives that scale as alpha/rank
+        return alpha * math.sqrt(rank) if config.get("use_rslora") else alpha
 
 
 def _keys(t: Target, layout: str) -> list[str]:
