@@ -160,6 +160,9 @@ class VAETrainingConfig:
     val_images: int = 16  # held back for reconstruction PSNR
     scale_samples: int = 256  # images whose latents set the scale factor (scale_by_std)
     checkpoint_every: int = 500
+    # Probability of putting an image's RGB channels in another order: the VAE then also learns hues the
+    # data lacks, which fine-tuning or a LoRA may bring later (the shapes model's cyan).
+    color_shuffle: float = 0.0
 
 
 @dataclass
@@ -229,6 +232,18 @@ class PretrainedConfig:
 
 
 @dataclass
+class LoRAConfig:
+    """Low-rank adapters (Hu et al. 2021) trained on a frozen model.pretrained; rank 0 trains the model itself."""
+
+    rank: int = 0
+    alpha: Optional[float] = None  # ΔW = alpha/rank · B·A; null: alpha = rank (scale 1)
+    # What to adapt: attn (the U-Net's attention q, k, v, out; kohya's and diffusers' default), proj (the
+    # transformers' proj_in/out), ff (their feed-forward), conv (ResBlock and resampler convolutions: LoCon),
+    # text_attn and text_mlp (the text encoder's attention and MLP).
+    targets: tuple[str, ...] = ("attn",)
+
+
+@dataclass
 class Config:
     name: str = "model"
     output_dir: str = "runs/model"
@@ -242,6 +257,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     vae_training: VAETrainingConfig = field(default_factory=VAETrainingConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
     def __post_init__(self):
         validate(self)
@@ -294,9 +310,27 @@ def validate(cfg: Config) -> None:
             parse_pair(pair, shapes.colors)
     except ValueError as e:
         raise ConfigError(f"data.shapes.held_out: {e}") from None
+    validate_lora(cfg)
     bad_levels = [lvl for lvl in cfg.unet.attention_levels if not 0 <= lvl < len(cfg.unet.channel_mult)]
     if bad_levels:
         raise ConfigError(f"unet.attention_levels {bad_levels} out of range for {len(cfg.unet.channel_mult)} levels")
+
+
+def validate_lora(cfg: Config) -> None:
+    from .lora.targets import GROUPS
+
+    lora = cfg.lora
+    if lora.rank < 0 or (lora.alpha is not None and lora.alpha <= 0):
+        raise ConfigError(f"lora.rank must be >= 0 (0: no adapters) and lora.alpha > 0, got {lora.rank} and {lora.alpha}")
+    if not lora.rank:
+        return
+    if not cfg.model.pretrained:
+        raise ConfigError("lora.rank trains adapters on a frozen base model: set model.pretrained=PATH (a model folder, diffusers folder or SD file)")
+    if cfg.text_encoder.trainable:
+        raise ConfigError("with lora.rank the base stays frozen: leave text_encoder.trainable false and add text_attn to lora.targets")
+    unknown = [t for t in lora.targets if t not in GROUPS]
+    if unknown or not lora.targets:
+        raise ConfigError(f"lora.targets: unknown entry '{unknown[0] if unknown else ''}'; choose from {', '.join(GROUPS)}")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:

@@ -94,3 +94,19 @@ def test_a_cached_latent_comes_from_the_chosen_view(sources, tiny_pipeline):
         assert torch.allclose(z, expected, atol=1e-5)
         mirrored_differs |= not torch.allclose(z, unmirrored, atol=1e-3)
     assert mirrored_differs  # some flipped image is not symmetric, so the check above can tell the views apart
+
+
+def test_shuffle_channels_reorders_colors_and_draws_nothing_when_off():
+    from diffusion.train.augment import shuffle_channels
+
+    x = torch.rand(64, 3, 4, 4)
+    g = torch.Generator().manual_seed(0)
+    state = g.get_state()
+    assert shuffle_channels(x, 0.0, g) is x and torch.equal(g.get_state(), state)
+    y = shuffle_channels(x, 1.0, g)
+    for a, b in zip(x, y):  # each image: the same three planes, in another order
+        order = [next(i for i in range(3) if torch.equal(b[c], a[i])) for c in range(3)]
+        assert sorted(order) == [0, 1, 2] and order != [0, 1, 2]
+    half = shuffle_channels(x, 0.5, torch.Generator().manual_seed(1))
+    kept = sum(torch.equal(a, b) for a, b in zip(x, half))
+    assert 16 < kept < 48  # about half the images keep their colors

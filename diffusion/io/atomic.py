@@ -17,6 +17,7 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
     tmp = path.with_name(path.name + ".tmp")
     try:
         yield tmp
+        _default_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -36,6 +37,8 @@ def atomic_folder(path: str | Path, replace: bool = True) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
         yield tmp
+        for item in [tmp, *tmp.rglob("*")]:
+            _default_mode(item)
         if replace and _holds_files(path):
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
             os.replace(path, old)
@@ -51,6 +54,13 @@ def atomic_folder(path: str | Path, replace: bool = True) -> Iterator[Path]:
                     raise  # not another process finishing first
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _default_mode(path: Path) -> None:
+    """The permissions a plain open() or mkdir() would give: safetensors writes 0600 and mkdtemp makes 0700."""
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def _holds_files(path: Path) -> bool:

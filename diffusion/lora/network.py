@@ -52,7 +52,7 @@ class LowRank(nn.Module):
     the network itself stays unchanged. A starts as Kaiming-uniform and B as zero, so ΔW starts at 0.
     """
 
-    def __init__(self, targets: list[Target], rank: int, alpha: float):
+    def __init__(self, targets: list[Target], rank: int, alpha: float, generator: torch.Generator | None = None):
         super().__init__()
         self.targets = sorted(targets, key=lambda t: t.rows)
         self.scale = alpha / rank
@@ -61,7 +61,7 @@ class LowRank(nn.Module):
         self.up = nn.ParameterList()
         for t in self.targets:
             down = torch.empty(rank, *t.shape[1:])
-            nn.init.kaiming_uniform_(down, a=math.sqrt(5))  # as nn.Linear initialises, and kohya and peft
+            nn.init.kaiming_uniform_(down, a=math.sqrt(5), generator=generator)  # as nn.Linear initialises, and kohya and peft
             self.down.append(nn.Parameter(down))
             self.up.append(nn.Parameter(torch.zeros(t.shape[0], rank, *([1, 1] if len(t.shape) == 4 else []))))
 
@@ -85,16 +85,17 @@ class LowRank(nn.Module):
 class Adapters(nn.Module):
     """The trainable adapters of a pipeline, attached to its weights; its state dict holds only A and B."""
 
-    def __init__(self, pipe, targets: list[Target], rank: int, alpha: float):
+    def __init__(self, pipe, targets: list[Target], rank: int, alpha: float, seed: int = 0):
         super().__init__()
         self.parts = nn.ModuleDict()
+        generator = torch.Generator().manual_seed(seed)  # the same A whatever ran before in the process
         by_param: dict[tuple[str, str], list[Target]] = {}
         for t in targets:
             by_param.setdefault((t.component, t.param), []).append(t)
         for (component, param), group in by_param.items():
             model = getattr(pipe, component)
             module = model.get_submodule(group[0].module)
-            low_rank = LowRank(group, rank, alpha).to(getattr(module, group[0].param_name).device)
+            low_rank = LowRank(group, rank, alpha, generator).to(getattr(module, group[0].param_name).device)
             parametrize.register_parametrization(module, group[0].param_name, low_rank)
             self.parts[f"{component}:{param}".replace(".", "/")] = low_rank
 

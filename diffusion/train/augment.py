@@ -38,3 +38,21 @@ class Augmentation:
 def mirror(x: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
     """x (B, ..., W) with the images where flips is True mirrored left-right."""
     return torch.where(flips.view(-1, *[1] * (x.dim() - 1)), x.flip(-1), x)
+
+
+# The five orders of (R, G, B) other than the identity.
+_CHANNEL_ORDERS = torch.tensor([[0, 2, 1], [1, 0, 2], [1, 2, 0], [2, 0, 1], [2, 1, 0]])
+
+
+def shuffle_channels(x: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
+    """x (B, 3, H, W) with each image's color channels put in another order with probability p.
+
+    The VAE then meets hues that the data lacks (yellow's permutations include cyan and magenta), so
+    it can encode and decode colors that a later data set or adapter brings. Nothing is drawn at p = 0.
+    """
+    if p <= 0:
+        return x
+    u, k = torch.rand(x.shape[0], generator=generator, device=generator.device), torch.randint(
+        len(_CHANNEL_ORDERS), (x.shape[0],), generator=generator, device=generator.device)
+    orders = torch.where((u < p)[:, None], _CHANNEL_ORDERS.to(k.device)[k], torch.arange(3, device=k.device))
+    return torch.gather(x, 1, orders.to(x.device)[:, :, None, None].expand_as(x))

@@ -53,13 +53,15 @@ class LatentSource:
     Latents: with training.cache_latents and no random crop, each image (and with data.flip its mirror)
     is encoded once, its posterior mean and std are kept in output_dir/cache, and every batch samples
     z = mean + std·n from them; otherwise each batch is encoded on the fly. Text: a frozen encoder's
-    hidden states are cached per distinct caption (and ""); a trainable one gets token ids.
+    hidden states are cached per distinct caption (and ""); a trained one (or one with adapters) gets token ids.
     The cache keys hash the file list (names, sizes, mtimes), the transform and the encoder weights,
     so changed data or another VAE never reuses stale latents.
     """
 
-    def __init__(self, pipe, dataset, cfg, cache_dir: Path, accelerator, batch_size: int = 32):
+    def __init__(self, pipe, dataset, cfg, cache_dir: Path, accelerator, text_trains: bool | None = None, batch_size: int = 32):
         self.pipe, self.dataset, self.cfg, self.acc = pipe, dataset, cfg, accelerator
+        # Token ids for a text encoder that trains (itself, or adapters on it); else cached hidden states.
+        self.text_trains = cfg.text_encoder.trainable if text_trains is None else text_trains
         self.device, self.batch_size = accelerator.device, batch_size
         self.augment = Augmentation(dataset, cfg.data)
         self.cached = cfg.training.cache_latents and cfg.data.crop == "center"
@@ -69,7 +71,7 @@ class LatentSource:
             usable = moments.flatten(1).isfinite().all(1)  # images that failed to load are NaN rows
             self.indices = usable.nonzero().flatten().tolist()
             self.mean, self.std = moments.to(self.device).unbind(1)  # (N, F, C, h, w) each; F = 2 with flips
-        if not cfg.text_encoder.trainable:
+        if not self.text_trains:
             captions = sorted({c for i in range(len(dataset)) for c in dataset.captions(i)} | {""})
             self.row = {c: r for r, c in enumerate(captions)}
             self.text = self._text_cache(cache_dir / "text.safetensors", captions)["hidden"].to(self.device)
@@ -94,7 +96,7 @@ class LatentSource:
     def conditioning(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
         """Hidden states (B, L, D) from the text cache, or token ids (B, L) for a trainable encoder."""
         captions = self.augment.captions(batch["index"].tolist(), generator)
-        if self.cfg.text_encoder.trainable:
+        if self.text_trains:
             return self.pipe.text_encoder.tokenize(captions).to(self.device)
         return self.text[[self.row[c] for c in captions]]
 

@@ -15,6 +15,7 @@ from typing import Iterator, Optional
 import torch
 from accelerate.utils import set_seed
 from torch import nn
+from torch.nn.utils import parametrize
 from torch.optim.lr_scheduler import LambdaLR
 
 from ..config import ConfigError
@@ -114,6 +115,7 @@ def pretrained_pipeline(cfg, info: dict) -> Pipeline:
         raise ConfigError(f"data.resolution ({cfg.data.resolution}) must be divisible by the pretrained VAE's factor {b.vae.factor}")
     pipe = Pipeline.from_states(pcfg, {c: getattr(base, c).state_dict() for c in ("vae", "text_encoder", "unet")}, name=m.pretrained)
     pipe.vae.requires_grad_(False)
+    pipe.model_hash = base.model_hash  # what an adapter trained on it records as its base
     return pipe
 
 
@@ -127,9 +129,12 @@ def param_groups(model: Denoiser, tc) -> list[dict]:
 
 
 @contextlib.contextmanager
-def sampling_with_ema(pipe: Pipeline, ema: EMA):
-    """The pipeline in eval mode with the EMA U-Net swapped in, and training's RNG left where it was."""
-    with torch.random.fork_rng(devices=[]), ema.swapped_in(pipe.unet):
+def sampling_with_ema(pipe: Pipeline, ema: EMA, averaged: nn.Module):
+    """The pipeline in eval mode with the EMA weights swapped in, and training's RNG left where it was.
+
+    Adapters' weights (W + B·A, see lora.network) are formed once for the whole sampling run, not per step.
+    """
+    with torch.random.fork_rng(devices=[]), ema.swapped_in(averaged), parametrize.cached():
         pipe.unet.eval()
         pipe.text_encoder.eval()
         try:
@@ -147,20 +152,37 @@ class LDMStage(Stage):
         self.run, self.tc = run, tc
         self.checkpoints, self.max_steps, self.checkpoint_every = run.out / "checkpoints", tc.max_steps, tc.checkpoint_every
         self.images_per_step, self.grad_clip = tc.batch_size * tc.grad_accum * acc.num_processes, tc.grad_clip
-        self.pipe = pipe = build_pipeline(run)
-        self.model = Denoiser(pipe.unet, pipe.text_encoder if cfg.text_encoder.trainable else None).train()
-        groups = param_groups(self.model, tc)
+        self.pipe = pipe = self.build(run)
+        self.model = Denoiser(pipe.unet, pipe.text_encoder if self.text_trains else None).train()
+        groups = self.param_groups()
         self.params = [p for g in groups for p in g["params"]]
         optimizer = adamw(groups, lr=tc.lr, betas=tc.adam_betas, weight_decay=tc.weight_decay, eps=tc.adam_eps)
         self.scheduler = LambdaLR(optimizer, lr_lambda(tc.warmup_steps, tc.max_steps, tc.lr_schedule))
-        self.ema = EMA(pipe.unet, tc.ema_decay, tc.ema_warmup)
+        self.ema = EMA(self.averaged, tc.ema_decay, tc.ema_warmup)
         self.model_ddp, self.optimizer = acc.prepare(self.model, optimizer)
 
         dataset = ImageCaptionDataset(run.index, cfg.data, train=True)
-        self.source = LatentSource(pipe, dataset, cfg, run.out / "cache", acc)
+        self.source = LatentSource(pipe, dataset, cfg, run.out / "cache", acc, self.text_trains)
         self.order = ShardedOrder(self.source.indices, tc.batch_size, cfg.seed, acc.process_index, acc.num_processes)
         self.generator = make_generator(acc, cfg.seed, stream=2)
         self.load = self.source.load
+
+    # What a subclass (LoRAStage) changes: the pipeline it trains, which weights train and are averaged.
+
+    def build(self, run: Run) -> Pipeline:
+        return build_pipeline(run)
+
+    @property
+    def text_trains(self) -> bool:
+        return self.run.cfg.text_encoder.trainable
+
+    @property
+    def averaged(self) -> nn.Module:
+        """The module whose EMA previews, checkpoints and the export use."""
+        return self.pipe.unet
+
+    def param_groups(self) -> list[dict]:
+        return param_groups(self.model, self.tc)
 
     def forward_backward(self, stream: Iterator, step: int) -> tuple[torch.Tensor, tuple[int, int], list[int]]:
         """grad_accum micro-batches: latents and conditioning, then the diffusion loss (t and ε drawn from the generator)."""
@@ -180,26 +202,26 @@ class LDMStage(Stage):
         return torch.stack(losses).mean(), position, indices
 
     def after_update(self, step: int) -> None:
-        self.ema.update(self.pipe.unet, step)
+        self.ema.update(self.averaged, step)
 
     def log_values(self, step: int) -> dict[str, float]:
         return {"ema_decay": self.ema.decay_at(step - 1)}
 
     def evaluate(self, step: int) -> Optional[dict[str, str]]:
-        """Every training.eval_every steps: prompt fidelity of the EMA model on TRAINING_PROMPTS, with DDIM."""
+        """Every training.eval_every steps: prompt fidelity of the EMA model on eval_prompts, with DDIM."""
         every = self.tc.eval_every
         if not every or (step % every and step != self.max_steps):
             return None
         try:
-            with sampling_with_ema(self.pipe, self.ema):
-                result = evaluate_shapes(self.pipe, sampler="ddim", steps=EVAL_STEPS, prompts=TRAINING_PROMPTS)
+            with sampling_with_ema(self.pipe, self.ema, self.averaged):
+                result = evaluate_shapes(self.pipe, sampler="ddim", steps=EVAL_STEPS, prompts=eval_prompts(self.run.cfg))
         except PipelineError as e:  # weights gone non-finite: the loss check stops the run, not the scoring
             self.run.say(f"warning: prompt fidelity at step {step} skipped: {e}")
             return None
         fields = {f"eval_{a}": result[a] for a in (*ATTRIBUTES, "all", "shape_fill")}
         if "held_out" in result:
             fields["eval_held_out_all"] = result["held_out"]["all"]
-        self.run.logger.log("ldm", step, **fields)
+        self.run.logger.log(self.name, step, **fields)
         return {a[:3]: f"{100 * result[a]:.0f}%" for a in (*ATTRIBUTES, "all")}
 
     def restore(self, weights: dict, path: Path) -> None:
@@ -218,7 +240,7 @@ class LDMStage(Stage):
         cfg = self.run.cfg
         prompts = preview_prompts(cfg, self.run.index)
         try:
-            with sampling_with_ema(self.pipe, self.ema):
+            with sampling_with_ema(self.pipe, self.ema, self.averaged):
                 images = self.pipe.generate(prompts, steps=min(cfg.sampling.steps, PREVIEW_STEPS), seed=cfg.seed)
         except PipelineError as e:  # weights gone non-finite: the loss check stops the run, not the preview
             self.run.say(f"warning: preview at step {step} skipped: {e}")
@@ -235,7 +257,16 @@ class LDMStage(Stage):
         self.run.say(f"saved the model to {self.run.out / 'model'} (load it with sample.py or app.py)")
 
 
+def eval_prompts(cfg) -> list[str]:
+    """A fixed third of the shapes prompts; all the prompts of data.shapes.colors when the data has other colors."""
+    colors = cfg.data.shapes.colors
+    return list(all_prompts(colors)) if colors else list(TRAINING_PROMPTS)
+
+
 def preview_prompts(cfg, index) -> list[str]:
     if cfg.training.validation_prompts:
         return list(cfg.training.validation_prompts)
-    return list(SHAPES_PREVIEW) if cfg.data.shapes.generate else distinct_captions(index, 4)
+    if not cfg.data.shapes.generate:
+        return distinct_captions(index, 4)
+    colors = cfg.data.shapes.colors
+    return list(all_prompts(colors)[::4][:4]) if colors else list(SHAPES_PREVIEW)

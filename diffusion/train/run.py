@@ -20,7 +20,10 @@ from .signals import StopRequest
 def train(config: str, overrides: list[str], stage: str = "all", resume: bool = False, overwrite: bool = False) -> None:
     """Run the stages that `stage` asks for ("vae", "ldm" or "all") under the config file plus overrides."""
     from .ldm_stage import LDMStage
+    from .lora_stage import LoRAStage
     from .vae_stage import VAEStage
+
+    stage_classes = {"vae": VAEStage, "ldm": LDMStage, "lora": LoRAStage}
 
     cfg = load_config(config, overrides)
     out = Path(cfg.output_dir)
@@ -36,7 +39,7 @@ def train(config: str, overrides: list[str], stage: str = "all", resume: bool = 
     logger = MetricsLogger(out / "metrics.jsonl", accelerator, trackers=bool(accelerator.trackers))
     run = Run(cfg, out, accelerator, index, resume, logger, StopRequest())
     for name in stages:
-        if not run_loop(run, VAEStage(run) if name == "vae" else LDMStage(run)):
+        if not run_loop(run, stage_classes[name](run)):
             break
     accelerator.end_training()
 
@@ -44,19 +47,20 @@ def train(config: str, overrides: list[str], stage: str = "all", resume: bool = 
 def stages_to_run(stage: str, cfg: Config, out: Path, resume: bool) -> list[str]:
     vae_done = resume and (out / "vae" / "vae.yaml").is_file()
     vae = stage in ("vae", "all") and not (cfg.vae_training.pretrained or cfg.model.pretrained) and not vae_done
-    return (["vae"] if vae else []) + (["ldm"] if stage in ("ldm", "all") else [])
+    second = "lora" if cfg.lora.rank else "ldm"  # adapters on a frozen model, or the model itself
+    return (["vae"] if vae else []) + ([second] if stage in ("ldm", "all") else [])
 
 
 def stage_outputs(out: Path, stage: str) -> list[Path]:
     """What a stage writes; a folder holding any of it holds a run of that stage."""
     if stage == "vae":
         return [out / "vae"]
-    return [out / "checkpoints", out / "model", out / "samples"]
+    return [out / "checkpoints", out / ("lora.safetensors" if stage == "lora" else "model"), out / "samples"]
 
 
 def prepare_output_dir(out: Path, stages: list[str], accelerator: Accelerator, resume: bool, overwrite: bool) -> None:
     """Refuse to overwrite a previous run unless resume or overwrite; with overwrite, clear it."""
-    held = [p for s in stages for p in stage_outputs(out, s) if p.exists() and any(p.iterdir())]
+    held = [p for s in stages for p in stage_outputs(out, s) if p.is_file() or p.is_dir() and any(p.iterdir())]
     if held and not (resume or overwrite):
         raise TrainError(
             f"{out} already holds a training run ({held[0].name}/); pass --resume to continue it or --overwrite to start over"
@@ -64,7 +68,7 @@ def prepare_output_dir(out: Path, stages: list[str], accelerator: Accelerator, r
     accelerator.wait_for_everyone()  # every rank has looked before anything is deleted
     if overwrite and accelerator.is_main_process:
         for path in held:
-            shutil.rmtree(path)
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
         for stage in stages:
             MetricsLogger(out / "metrics.jsonl", accelerator).truncate(stage, after_step=-1)
     accelerator.wait_for_everyone()
