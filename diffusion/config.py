@@ -141,6 +141,11 @@ class DataConfig:
     missing_caption: Literal["error", "empty", "skip"] = "error"
     min_size: int = 8  # images with a side below this are skipped
     num_workers: int = 0
+    # Regularization images (kohya's reg_data_dir, DreamBooth's prior preservation): another image-caption
+    # folder trained on beside data.path, so that an adapter or fine-tune learning something new keeps
+    # what the base model did. reg_num: how many of its pairs (in sorted order); 0: all.
+    reg_path: Optional[str] = None
+    reg_num: int = 0
     shapes: ShapesConfig = field(default_factory=ShapesConfig)
 
 
@@ -237,9 +242,10 @@ class LoRAConfig:
 
     rank: int = 0
     alpha: Optional[float] = None  # ΔW = alpha/rank · B·A; null: alpha = rank (scale 1)
-    # What to adapt: attn (the U-Net's attention q, k, v, out; kohya's and diffusers' default), proj (the
-    # transformers' proj_in/out), ff (their feed-forward), conv (ResBlock and resampler convolutions: LoCon),
-    # text_attn and text_mlp (the text encoder's attention and MLP).
+    # What to adapt: attn (the U-Net's self- and cross-attention q, k, v, out; kohya's and diffusers' default),
+    # cross_attn (only the cross-attention, which reads the prompt), proj (the transformers' proj_in/out), ff
+    # (their feed-forward), conv (ResBlock and resampler convolutions: LoCon), text_attn and text_mlp (the
+    # text encoder's attention and MLP).
     targets: tuple[str, ...] = ("attn",)
 
 

@@ -125,3 +125,17 @@ def test_parametrized_weights_equal_the_merged_adapter(tiny_model_dir, trained):
 def test_bad_lora_configs_get_one_line(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(ROOT / "configs" / "tiny.yaml", overrides)
+
+
+def test_regularization_images_join_the_training_index(tmp_path):
+    from diffusion.config import DataConfig
+    from diffusion.data import index_folder
+    from diffusion.train.run import add_regularization
+
+    generate_shapes(tmp_path / "new", num=6, size=16, seed=0, colors=["cyan"])
+    generate_shapes(tmp_path / "old", num=10, size=16, seed=1)
+    data = DataConfig(path=str(tmp_path / "new"), reg_path=str(tmp_path / "old"), reg_num=4)
+    index = index_folder(data.path, data)
+    add_regularization(index, data)
+    assert len(index) == 10 and sum("cyan" in caps[0] for _, caps in index.items) == 6
+    assert "regularization: 4 pairs" in index.report()

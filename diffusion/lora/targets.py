@@ -23,6 +23,7 @@ COMPONENTS = ("unet", "text_encoder")
 # attention; LoCon adds the ResBlocks' and resamplers' convolutions.
 GROUPS: dict[str, tuple[str, re.Pattern]] = {
     "attn": ("unet", re.compile(r"\.attn[12]\.(to_q|to_k|to_v|to_out\.0)$")),
+    "cross_attn": ("unet", re.compile(r"\.attn2\.(to_q|to_k|to_v|to_out\.0)$")),
     "proj": ("unet", re.compile(r"\.(proj_in|proj_out)$")),
     "ff": ("unet", re.compile(r"\.ff\.net\.(0\.proj|2)$")),
     "conv": ("unet", re.compile(r"(\.resnets\.\d+\.(conv1|conv2|conv_shortcut)|samplers\.0\.conv)$")),
@@ -85,8 +86,11 @@ def text_targets(text_encoder: nn.Module) -> list[Target]:
 
 
 def pipeline_targets(pipe) -> list[Target]:
-    """Every adaptable layer of a pipeline's U-Net and text encoder."""
-    return unet_targets(pipe.unet) + text_targets(pipe.text_encoder)
+    """Every adaptable layer of a pipeline's U-Net and text encoder (worked out once per pipeline: it builds
+    the U-Net's layout on the meta device, which would cost every change of adapters a fraction of a second)."""
+    if getattr(pipe, "_lora_targets", None) is None:
+        pipe._lora_targets = unet_targets(pipe.unet) + text_targets(pipe.text_encoder)
+    return pipe._lora_targets
 
 
 def select(targets: list[Target], groups: tuple[str, ...]) -> list[Target]:

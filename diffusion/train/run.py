@@ -100,9 +100,21 @@ def load_data(cfg: Config, accelerator: Accelerator):
         if accelerator.is_local_main_process and ensure_shapes(cfg.data):
             print(f"generated {cfg.data.shapes.num} shapes images in {cfg.data.path}", file=sys.stderr)
     index = index_folder(cfg.data.path, cfg.data)
+    if cfg.data.reg_path:
+        add_regularization(index, cfg.data)
     if accelerator.is_main_process:
         print(index.report(), file=sys.stderr)
     return index
+
+
+def add_regularization(index, data) -> None:
+    """Append data.reg_num pairs of data.reg_path (all for 0) to the training index."""
+    if data.reg_num < 0:
+        raise TrainError(f"data.reg_num must be >= 0 (0: all of data.reg_path), got {data.reg_num}")
+    reg = index_folder(data.reg_path, data)
+    pairs = reg.items[: data.reg_num or None]
+    index.items.extend(pairs)
+    index.notes.append(f"regularization: {len(pairs)} pairs from {data.reg_path} (data.reg_path)")
 
 
 def make_accelerator(cfg: Config, out: Path) -> Accelerator:
