@@ -37,15 +37,6 @@ def parse_spec(spec: str) -> tuple[str, float]:
     return spec, 1.0
 
 
-def load_stack(specs: list[str]) -> list[tuple[LoRA, float]]:
-    """Read each FILE[:MULTIPLIER]."""
-    stack = []
-    for spec in specs:
-        path, multiplier = parse_spec(spec)
-        stack.append((read_lora(path), multiplier))
-    return stack
-
-
 def apply_loras(pipe, stack: list[tuple[LoRA, float]]) -> list[Applied]:
     """Set pipe's weights to its base plus each adapter's multiplier·ΔW; an empty stack restores the base.
 
