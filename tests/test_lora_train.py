@@ -139,3 +139,14 @@ def test_regularization_images_join_the_training_index(tmp_path):
     add_regularization(index, data)
     assert len(index) == 10 and sum("cyan" in caps[0] for _, caps in index.items) == 6
     assert "regularization: 4 pairs" in index.report()
+
+
+def test_a_missing_regularization_folder_is_named(tmp_path):
+    from diffusion.config import DataConfig
+    from diffusion.data import DataError, index_folder
+    from diffusion.train.run import add_regularization
+
+    generate_shapes(tmp_path / "new", num=2, size=16, seed=0)
+    data = DataConfig(path=str(tmp_path / "new"), reg_path=str(tmp_path / "absent"))
+    with pytest.raises(DataError, match="^data.reg_path: data path not found"):
+        add_regularization(index_folder(data.path, data), data)

@@ -10,7 +10,7 @@ import torch
 from accelerate import Accelerator
 
 from ..config import Config, load_config, load_yaml, save_config, to_dict
-from ..data import ensure_shapes, index_folder
+from ..data import DataError, ensure_shapes, index_folder
 from ..errors import TrainError, warn
 from .loop import Run, run_loop
 from .metrics import MetricsLogger
@@ -111,7 +111,10 @@ def add_regularization(index, data) -> None:
     """Append data.reg_num pairs of data.reg_path (all for 0) to the training index."""
     if data.reg_num < 0:
         raise TrainError(f"data.reg_num must be >= 0 (0: all of data.reg_path), got {data.reg_num}")
-    reg = index_folder(data.reg_path, data)
+    try:
+        reg = index_folder(data.reg_path, data)
+    except DataError as e:
+        raise DataError(f"data.reg_path: {e}") from None
     pairs = reg.items[: data.reg_num or None]
     index.items.extend(pairs)
     index.notes.append(f"regularization: {len(pairs)} pairs from {data.reg_path} (data.reg_path)")
