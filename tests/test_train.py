@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -119,7 +120,7 @@ def test_end_to_end_run_exports_a_model_that_generates(data_dir, reference):
     assert (out / "samples" / "step-000006.png").is_file() and (out / "vae" / "samples" / "step-000004.png").is_file()
     assert [s for s, _ in list_checkpoints(out / "checkpoints")] == [4, 6]  # keep_checkpoints: 2
     assert [s for s, _ in list_checkpoints(out / "vae" / "checkpoints")] == [2, 4]
-    assert (out / "cache" / "latents.safetensors").is_file()
+    assert list((out / "cache").glob("latents-*/16x16/000000.npy"))
     # A checkpoint is a pipeline too (with the EMA weights), so it can be sampled while training goes on.
     ckpt = out / "checkpoints" / "step-000006"
     Pipeline.load(ckpt)
@@ -276,6 +277,7 @@ def test_latent_cache_is_reused_until_the_data_or_the_vae_changes(tmp_path, tiny
     import diffusion.train.cache as training
     from diffusion.data import ImageCaptionDataset, generate_shapes, index_folder
     from diffusion.pipeline import Pipeline
+    from PIL import Image
 
     data = tmp_path / "data"
     generate_shapes(data, num=6, size=16)
@@ -286,38 +288,75 @@ def test_latent_cache_is_reused_until_the_data_or_the_vae_changes(tmp_path, tiny
     )
     torch.manual_seed(0)
     pipe = Pipeline(cfg.pipeline_config())
-    dataset = ImageCaptionDataset(index_folder(data, cfg.data), cfg.data)
     acc = SimpleNamespace(device=torch.device("cpu"), num_processes=1, process_index=0, is_main_process=True)
-    builds, encode = [], training.sharded_map
+    builds, write = [], training.ChunkedArray.write
 
-    def counting(accelerator, n, fn, batch_size):  # counts the rows each cache (re)build encodes
-        builds.append(n)
-        return encode(accelerator, n, fn, batch_size)
+    def counting(self, c, blocks):  # counts the rows each cache (re)build encodes
+        builds.append(len(self.chunk_rows(c)))
+        return write(self, c, blocks)
 
-    monkeypatch.setattr(training, "sharded_map", counting)
+    monkeypatch.setattr(training.ChunkedArray, "write", counting)
 
     def source():
         builds.clear()
-        return training.LatentSource(pipe, dataset, cfg, tmp_path / "cache", acc)
+        dataset = ImageCaptionDataset(index_folder(data, cfg.data), cfg.data)  # a new run indexes again
+        return dataset, training.LatentSource(pipe, dataset, cfg, tmp_path / "cache", acc)
 
-    first = source()
+    def means(src):
+        return src.moments(list(range(6)), torch.zeros(6, dtype=torch.bool))[0], src.moments(list(range(6)), torch.ones(6, dtype=torch.bool))[0]
+
+    dataset, first = source()
     assert builds == [6, len({dataset.captions(i)[0] for i in range(6)}) + 1]  # latents, then text (with "")
     x = torch.stack([dataset.pixels_for_cache(i) for i in range(6)])
+    plain, mirrored = means(first)
     with torch.no_grad():
-        assert torch.allclose(first.mean[:, 0], pipe.vae.encode(x).mean, atol=1e-5)
-        assert torch.allclose(first.mean[:, 1], pipe.vae.encode(x.flip(-1)).mean, atol=1e-5)  # the mirrored view
-    reused = source()
-    assert builds == [] and torch.equal(reused.mean, first.mean)  # same data, same encoders: both caches reused
+        assert torch.allclose(plain, pipe.vae.encode(x).mean, atol=1e-5)
+        assert torch.allclose(mirrored, pipe.vae.encode(x.flip(-1)).mean, atol=1e-5)  # the mirrored view
+    _, reused = source()
+    assert builds == [] and torch.equal(means(reused)[0], plain)  # same data, same encoders: both caches reused
     image = dataset.items[0][0]
     st = image.stat()
     os.utime(image, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
-    touched = source()
-    assert builds == [6] and torch.equal(touched.mean, first.mean)  # an image's file changed: latents re-encoded, text kept
+    _, touched = source()
+    assert builds == []  # a new mtime on the same bytes is the same image
+    edited = Image.open(image).convert("RGB")
+    edited.putpixel((0, 0), (255, 0, 255))  # same size, same mtime: only the bytes tell (kohya's cache missed this)
+    edited.save(image)
+    os.utime(image, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    _, changed = source()
+    assert builds == [6] and not torch.equal(means(changed)[0][0], plain[0]) and torch.equal(means(changed)[0][1:], plain[1:])
     with torch.no_grad():
         pipe.vae.quant_conv.bias.add_(0.5)
-    assert torch.equal(source().mean, first.mean) is False and builds == [6]  # another VAE
+    assert not torch.equal(means(source()[1])[0], means(changed)[0]) and builds == [6]  # another VAE
+    assert len(list((tmp_path / "cache").glob("latents-*"))) == 1  # older versions removed
 
 
+def test_an_interrupted_cache_build_keeps_whole_chunks_and_encodes_only_the_rest(tmp_path, monkeypatch):
+    import numpy as np
+
+    import diffusion.train.cache as training
+
+    monkeypatch.setattr(training, "CHUNK_ROWS", 4)
+    acc = SimpleNamespace(num_processes=1, process_index=0, is_main_process=True)
+    rows = np.arange(10 * 3, dtype=np.float32).reshape(10, 3)
+    calls, kill = [], [True]
+
+    def encode(array, batches):
+        for b in batches:
+            calls.append(b)
+            if b[0] == 8 and kill and kill.pop():
+                raise RuntimeError("killed")  # while writing the last chunk
+            yield rows[b], [1] if b[0] == 4 else []
+
+    array = training.ChunkedArray(tmp_path / "a", 10, (3,), key="k")
+    with pytest.raises(RuntimeError, match="killed"):
+        training.fill(acc, [array], encode, "test")
+    assert array.missing() == [2] and not list((tmp_path / "a").glob("*.tmp"))
+    calls.clear()
+    training.fill(acc, [array], encode, "test")
+    assert calls == [[8, 9]] and array.open() == [5]  # only the missing chunk; row 5 failed to encode
+    assert torch.equal(array.read([9, 0, 5]), torch.from_numpy(rows[[9, 0, 5]]))
+    assert training.ChunkedArray(tmp_path / "a", 10, (3,), key="other").missing() == [0, 1, 2]
 
 
 def test_data_order_is_sharded_and_a_function_of_seed_and_epoch():

@@ -15,6 +15,7 @@ file that is left out is recorded with a reason; nothing is dropped silently.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import logging
@@ -25,11 +26,12 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional, Sequence, Union
+from typing import Iterator, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 import torch
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from tqdm.auto import tqdm
 
 from diffusion.errors import ToolkitError
 from diffusion.config import DataConfig
@@ -40,8 +42,20 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".
 CAPTION_EXTENSIONS = (".txt", ".caption")  # sidecar caption files, in order of preference
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
 SHOW_PATHS = 3  # paths listed per skip reason in the report
+ORIENTATION_TAG = 0x0112  # EXIF orientation
 
 Item = tuple[Path, list[str]]
+
+
+class ImageInfo(NamedTuple):
+    """What indexing learns of an image beyond its captions: a hash of its bytes and its upright size."""
+
+    digest: str  # the latent cache's key: an edited image is re-encoded even at the same size and mtime
+    size: tuple[int, int]  # (width, height) after EXIF orientation: what aspect buckets sort by
+
+
+def file_digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:32]
 
 
 class DataError(ToolkitError, ValueError):
@@ -58,6 +72,7 @@ class FolderIndex:
     formats: Counter = field(default_factory=Counter)  # PIL format of the usable images, e.g. JPEG
     uncaptioned: list[Path] = field(default_factory=list)  # images without a caption, whatever the policy
     notes: list[str] = field(default_factory=list)  # warnings for the report
+    info: dict[Path, ImageInfo] = field(default_factory=dict)  # per usable image
 
     def __len__(self) -> int:
         return len(self.items)
@@ -151,26 +166,29 @@ def image_transform(
     resolution: int,
     crop: str = "center",
     generator: Optional[torch.Generator] = None,
+    size: Optional[tuple[int, int]] = None,
 ) -> torch.Tensor:
-    """Resize the shorter side to `resolution` and crop a square; returns (3, R, R) in [-1, 1].
+    """Resize to cover `size` (w, h), default a square of side `resolution`, and crop the excess; returns (3, h, w)
+    in [-1, 1].
 
-    crop is "center" or "random". A random crop draws from torch's RNG (or `generator`), so the
-    trainer's seeding makes it reproducible.
+    For a square this resizes the shorter side to `resolution`. crop is "center" or "random". A random crop
+    draws from torch's RNG (or `generator`), so the trainer's seeding makes it reproducible.
     """
     if crop not in ("center", "random"):
         raise ValueError(f"crop must be 'center' or 'random', got {crop!r}")
+    out_w, out_h = size or (resolution, resolution)
     w, h = img.size
-    scale = resolution / min(w, h)
-    new_w, new_h = max(resolution, round(w * scale)), max(resolution, round(h * scale))
+    scale = max(out_w / w, out_h / h)
+    new_w, new_h = max(out_w, round(w * scale)), max(out_h, round(h * scale))
     if (new_w, new_h) != (w, h):
         img = img.resize((new_w, new_h), Image.Resampling.BICUBIC, reducing_gap=3.0)
     if crop == "center":
-        left, top = (new_w - resolution) // 2, (new_h - resolution) // 2
+        left, top = (new_w - out_w) // 2, (new_h - out_h) // 2
     else:
-        left = int(torch.randint(new_w - resolution + 1, (1,), generator=generator))
-        top = int(torch.randint(new_h - resolution + 1, (1,), generator=generator))
-    img = img.crop((left, top, left + resolution, top + resolution))
-    return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).float() / 127.5 - 1.0  # (3, R, R)
+        left = int(torch.randint(new_w - out_w + 1, (1,), generator=generator))
+        top = int(torch.randint(new_h - out_h + 1, (1,), generator=generator))
+    img = img.crop((left, top, left + out_w, top + out_h))
+    return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).float() / 127.5 - 1.0  # (3, h, w)
 
 
 @contextmanager
@@ -184,20 +202,21 @@ def _strict_truncation() -> Iterator[None]:
         ImageFile.LOAD_TRUNCATED_IMAGES = old
 
 
-def _inspect_image(path: Path, min_size: int) -> str:
-    """Check that `path` will load; return its PIL format or raise _Skip with the reason.
+def _inspect_image(path: Path, data: bytes, min_size: int) -> tuple[str, tuple[int, int]]:
+    """Check that the image `data` (read from `path`) will load; return (PIL format, upright (w, h)) or raise
+    _Skip with the reason.
 
     The header gives format and size, so bombs and tiny images are rejected before any decoding.
     verify() checks the PNG chunk CRCs. Then one real decode catches truncation, which verify() misses
     for JPEG; JPEGs decode via DCT scaling at 1/8 size, which still reads the whole stream but costs
     little, so a multi-GPU start is not held up by indexing.
     """
-    if path.stat().st_size == 0:
+    if not data:
         raise _Skip("empty file: 0 bytes")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # we report it ourselves
-            with Image.open(path) as img:
+            with Image.open(io.BytesIO(data)) as img:
                 fmt, (w, h) = img.format, img.size
                 limit = Image.MAX_IMAGE_PIXELS
                 if limit and w * h > limit:
@@ -205,9 +224,11 @@ def _inspect_image(path: Path, min_size: int) -> str:
                 if min(w, h) < min_size:
                     raise _Skip(f"too small: {w}x{h}, data.min_size is {min_size}")
                 img.verify()
-            with Image.open(path) as img:  # verify() leaves the image unusable; reopen to decode
+            with Image.open(io.BytesIO(data)) as img:  # verify() leaves the image unusable; reopen to decode
+                if img.getexif().get(ORIENTATION_TAG) in (5, 6, 7, 8):  # exif_transpose turns these a quarter
+                    w, h = h, w
                 if fmt in ("JPEG", "MPO"):
-                    img.draft(img.mode, (max(1, w // 8), max(1, h // 8)))
+                    img.draft(img.mode, (max(1, img.width // 8), max(1, img.height // 8)))
                 img.load()
     except _Skip:
         raise
@@ -219,7 +240,7 @@ def _inspect_image(path: Path, min_size: int) -> str:
         msg = str(e) or type(e).__name__
         kind = "truncated" if isinstance(e, EOFError) or "truncated" in msg.lower() else "unreadable"
         raise _Skip(f"{kind}: {msg}") from None
-    return fmt or "unknown"
+    return fmt or "unknown", (w, h)
 
 
 # ----------------------------------------------------------------------------- captions
@@ -304,13 +325,13 @@ def _walk(root: Path) -> tuple[list[Path], list[Path]]:
     return sorted(images, key=lambda p: p.relative_to(root).as_posix()), metadata
 
 
-def index_folder(path: Union[str, Path], cfg: DataConfig, strict: bool = True) -> FolderIndex:
+def index_folder(path: Union[str, Path], cfg: DataConfig, strict: bool = True, progress: bool = False) -> FolderIndex:
     """Index an image-caption folder: the usable pairs in sorted order, and every skipped file with a reason.
 
     Images without a caption follow cfg.missing_caption: "error" raises DataError listing them, "empty"
     trains them with the caption "", "skip" records them as skipped. With strict=False (the report CLI)
     nothing but a missing or imageless folder raises: "error" images are recorded as skipped and an
-    index with no usable pairs is returned as it is.
+    index with no usable pairs is returned as it is. `progress` shows a progress bar.
     """
     root = Path(path)
     if not root.exists():
@@ -326,31 +347,32 @@ def index_folder(path: Union[str, Path], cfg: DataConfig, strict: bool = True) -
     for meta in metadata_files:
         metadata.update(_read_metadata(meta, index.skipped))
 
-    def check(image: Path) -> tuple[Path, Union[str, _Skip], Optional[list[str]]]:
+    def check(image: Path) -> tuple[Path, Union[tuple[str, ImageInfo], _Skip], Optional[list[str]]]:
         try:
-            fmt = _inspect_image(image, cfg.min_size)
+            data = image.read_bytes()  # one read serves the checks and the cache key; one image per thread
+            fmt, size = _inspect_image(image, data, cfg.min_size)
             captions = metadata.get(image.resolve())
-            return image, fmt, captions if captions is not None else _read_sidecar(image)
+            return image, (fmt, ImageInfo(file_digest(data), size)), captions if captions is not None else _read_sidecar(image)
         except _Skip as e:
             return image, e, None
 
     # PIL decodes without the GIL, so threads help on big folders; map() keeps the sorted order.
     with _strict_truncation(), ThreadPoolExecutor(max_workers=max(1, cfg.num_workers)) as pool:
-        results = list(pool.map(check, images))
-
-    for image, fmt, captions in results:
-        if isinstance(fmt, _Skip):
-            index.skipped.append((image, str(fmt)))
-            continue
-        if not captions:
-            index.uncaptioned.append(image)
-            if cfg.missing_caption == "skip" or (cfg.missing_caption == "error" and not strict):
-                why = "the caption is empty" if captions == [] else "no .txt/.caption file or metadata entry"
-                index.skipped.append((image, f"no caption: {why}"))
+        checked = tqdm(pool.map(check, images), total=len(images), desc="index", unit="img", disable=not progress, leave=False)
+        for image, found, captions in checked:
+            if isinstance(found, _Skip):
+                index.skipped.append((image, str(found)))
                 continue
-            captions = [""]
-        index.items.append((image, captions))
-        index.formats[fmt] += 1
+            if not captions:
+                index.uncaptioned.append(image)
+                if cfg.missing_caption == "skip" or (cfg.missing_caption == "error" and not strict):
+                    why = "the caption is empty" if captions == [] else "no .txt/.caption file or metadata entry"
+                    index.skipped.append((image, f"no caption: {why}"))
+                    continue
+                captions = [""]
+            fmt, index.info[image] = found
+            index.items.append((image, captions))
+            index.formats[fmt] += 1
 
     _check_usable(index, cfg, strict)
     return index

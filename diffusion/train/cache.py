@@ -1,50 +1,131 @@
-"""The latent and text caches: encode each image and caption once, keyed so that stale entries are never reused."""
+"""The latent and text caches: encode each image and caption once into memory-mapped files on disk, keyed so that
+stale entries are never reused, and read back only the rows of the current batch.
+
+    cache/latents-<key>/<w>x<h>/000000.npy   posterior mean and std of up to CHUNK_ROWS images of one bucket
+                                000000.json  written after the .npy: the chunk's key and which rows failed
+    cache/text-<key>/all/000000.npy          a frozen text encoder's hidden states, one row per distinct caption
+
+Each rank encodes its share of the missing chunks and writes them itself (nothing is gathered); every rank then
+maps all of them. A chunk is written under a temporary name and renamed (io.atomic), so a killed build leaves
+whole chunks only and the next run encodes just the missing ones. The memory a run holds does not grow with the
+data set: the pages of a memory map are read from disk when a batch touches them.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
+import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from ..io.atomic import atomic_file
 from ..io.weights import state_hash
 from .augment import Augmentation, mirror
-from .distributed import sharded_map
+from .distributed import barrier
 from .order import epoch_loader
 
-
-def files_fingerprint(paths: Iterable[Path]) -> str:
-    """A hash of file names, sizes and modification times: it changes when any file does."""
-    h = hashlib.sha256()
-    for p in paths:
-        st = Path(p).stat()
-        h.update(f"{p}|{st.st_size}|{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()
+CHUNK_ROWS = 1024  # rows per file: a killed build loses at most one chunk per rank
+ENCODE_BATCH = 32  # images or captions per encoder call
 
 
-def cached_tensors(
-    path: Path, key: str, build: Callable[[], dict[str, torch.Tensor]], accelerator
-) -> dict[str, torch.Tensor]:
-    """Tensors stored at `path` under `key`; rebuilt (on every rank) and saved (by the main process) on a miss."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
+class ChunkedArray:
+    """A float32 array of shape (rows, *row_shape) kept as .npy files of CHUNK_ROWS rows under `folder`.
 
-    if path.is_file():
+    A chunk counts as written when its .json (written after the .npy) holds this array's key.
+    """
+
+    def __init__(self, folder: Path, rows: int, row_shape: tuple[int, ...], key: str):
+        self.folder, self.rows, self.row_shape, self.key = folder, rows, tuple(row_shape), key
+        self.maps: list[np.ndarray] = []
+
+    def chunk_rows(self, c: int) -> range:
+        return range(c * CHUNK_ROWS, min(self.rows, (c + 1) * CHUNK_ROWS))
+
+    def missing(self) -> list[int]:
+        """The chunks not yet written with this key."""
+        return [c for c in range(-(-self.rows // CHUNK_ROWS)) if self._meta(c).get("key") != self.key]
+
+    def write(self, c: int, blocks: Iterable[tuple[np.ndarray, list[int]]]) -> None:
+        """Chunk c from (block of rows, the block's failed rows) pairs, in row order; streamed, never held whole."""
+        n, failed = len(self.chunk_rows(c)), []
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with atomic_file(self._path(c, ".npy")) as tmp, open(tmp, "wb") as f:
+            np.lib.format.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": False, "shape": (n, *self.row_shape)})
+            written = 0
+            for block, bad in blocks:
+                f.write(np.ascontiguousarray(block, dtype="<f4").tobytes())
+                failed += [written + r for r in bad]
+                written += len(block)
+            assert written == n, f"chunk {c}: {written} rows written, expected {n}"
+        with atomic_file(self._path(c, ".json")) as tmp:
+            tmp.write_text(json.dumps({"key": self.key, "rows": n, "failed": failed}))
+
+    def open(self) -> list[int]:
+        """Map every chunk (read-only); returns the failed rows."""
+        chunks = range(-(-self.rows // CHUNK_ROWS))
+        self.maps = [np.load(self._path(c, ".npy"), mmap_mode="r") for c in chunks]
+        return [c * CHUNK_ROWS + r for c in chunks for r in self._meta(c)["failed"]]
+
+    def read(self, rows: Iterable[int]) -> torch.Tensor:
+        """The given rows, copied out of the maps: (len(rows), *row_shape)."""
+        return torch.from_numpy(np.stack([self.maps[r // CHUNK_ROWS][r % CHUNK_ROWS] for r in rows]))
+
+    def _path(self, c: int, suffix: str) -> Path:
+        return self.folder / f"{c:06d}{suffix}"
+
+    def _meta(self, c: int) -> dict:
         try:
-            with safe_open(str(path), "pt") as f:
-                if (f.metadata() or {}).get("key") == key:
-                    return {k: f.get_tensor(k) for k in f.keys()}
-        except Exception:  # noqa: BLE001 - a broken cache file is rebuilt, never fatal
-            pass
-    tensors = build()
-    if accelerator.is_main_process:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_file(path) as tmp:
-            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"key": key})
-    return tensors
+            return json.loads(self._path(c, ".json").read_text())
+        except (OSError, ValueError):
+            return {}
+
+
+def fill(accelerator, arrays: list[ChunkedArray], encode: Callable[[ChunkedArray, list[list[int]]], Iterator], desc: str) -> None:
+    """Write every missing chunk of `arrays`, each rank its share, then map them all (a collective).
+
+    encode(array, row batches) yields (block, failed rows in the block) per batch, in order.
+    """
+    missing = [(a, c) for a in arrays for c in a.missing()]
+    barrier(accelerator)  # every rank has listed the same missing chunks before any is written
+    mine = missing[accelerator.process_index :: accelerator.num_processes]
+    total = sum(len(a.chunk_rows(c)) for a, c in mine)
+    with tqdm(total=total, desc=desc, unit="row", disable=not (total and accelerator.is_main_process), leave=False) as bar:
+        for a, c in mine:
+            rows = list(a.chunk_rows(c))
+            batches = [rows[i : i + ENCODE_BATCH] for i in range(0, len(rows), ENCODE_BATCH)]
+            a.write(c, _counted(encode(a, batches), bar))
+    barrier(accelerator)
+
+
+def _counted(blocks: Iterator, bar: tqdm) -> Iterator:
+    for block, bad in blocks:
+        bar.update(len(block))
+        yield block, bad
+
+
+def drop_stale(cache_dir: Path, prefix: str, keep: Path) -> None:
+    """Remove this cache's older versions (and the single-file caches of earlier releases)."""
+    for old in [*cache_dir.glob(f"{prefix}-*"), cache_dir / f"{prefix}.safetensors"]:
+        if old != keep and old.exists():
+            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
+
+
+class _CachePixels(torch.utils.data.Dataset):
+    """Un-augmented pixels of dataset items for the cache builder's DataLoader workers (None when unreadable)."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        return self.dataset.pixels_for_cache(i)
 
 
 class LatentSource:
@@ -52,29 +133,26 @@ class LatentSource:
 
     Latents: with training.cache_latents and no random crop, each image (and with data.flip its mirror)
     is encoded once, its posterior mean and std are kept in output_dir/cache, and every batch samples
-    z = mean + std·n from them; otherwise each batch is encoded on the fly. Text: a frozen encoder's
-    hidden states are cached per distinct caption (and ""); a trained one (or one with adapters) gets token ids.
-    The cache keys hash the file list (names, sizes, mtimes), the transform and the encoder weights,
-    so changed data or another VAE never reuses stale latents.
+    z = mean + std·n from the rows it reads; otherwise each batch is encoded on the fly. Text: a frozen
+    encoder's hidden states are cached per distinct caption (and ""); a trained one (or one with adapters)
+    gets token ids. The latent key covers each image's bytes, its bucket and crop, the flips, the VAE's
+    weights and dtype and the latent scale; the text key the captions, the layer and the encoder's weights.
     """
 
-    def __init__(self, pipe, dataset, cfg, cache_dir: Path, accelerator, text_trains: bool | None = None, batch_size: int = 32):
+    def __init__(self, pipe, dataset, cfg, cache_dir: Path, accelerator, text_trains: bool | None = None):
         self.pipe, self.dataset, self.cfg, self.acc = pipe, dataset, cfg, accelerator
         # Token ids for a text encoder that trains (itself, or adapters on it); else cached hidden states.
         self.text_trains = cfg.text_encoder.trainable if text_trains is None else text_trains
-        self.device, self.batch_size = accelerator.device, batch_size
+        self.device = accelerator.device
         self.augment = Augmentation(dataset, cfg.data)
         self.cached = cfg.training.cache_latents and cfg.data.crop == "center"
         self.indices = list(range(len(dataset)))
         if self.cached:
-            moments = self._latent_cache(cache_dir / "latents.safetensors")["moments"]  # (N, 2, F, C, h, w)
-            usable = moments.flatten(1).isfinite().all(1)  # images that failed to load are NaN rows
-            self.indices = usable.nonzero().flatten().tolist()
-            self.mean, self.std = moments.to(self.device).unbind(1)  # (N, F, C, h, w) each; F = 2 with flips
+            self.indices = self._latent_cache(cache_dir)
         if not self.text_trains:
             captions = sorted({c for i in range(len(dataset)) for c in dataset.captions(i)} | {""})
             self.row = {c: r for r, c in enumerate(captions)}
-            self.text = self._text_cache(cache_dir / "text.safetensors", captions)["hidden"].to(self.device)
+            self.text = self._text_cache(cache_dir, captions)
 
     def load(self, epoch: int, batches: list[list[int]]) -> Iterable[dict]:
         if self.cached:
@@ -88,46 +166,83 @@ class LatentSource:
         if not self.cached:
             x = mirror(batch["pixels"].to(self.device), flips)
             return self.pipe.encode(x, generator=generator, sample=True)
-        idx = batch["index"].to(self.device)
-        mean, std = self.mean[idx, flips.long()], self.std[idx, flips.long()]
+        mean, std = self.moments(batch["index"].tolist(), flips.cpu())
         noise = torch.randn(mean.shape, generator=generator, device=self.device, dtype=mean.dtype)
         return (mean + std * noise) * self.pipe.cfg.vae.scale_factor
+
+    def moments(self, indices: list[int], flips: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cached posterior (mean, std) of the chosen view of each image (one bucket), on the device: (B, C, h, w) each."""
+        bucket = self.latent_arrays[self.dataset.bucket_of[indices[0]]]
+        rows = bucket.read(int(self.slot[i]) for i in indices)  # (B, 2, views, C, h, w)
+        picked = rows[torch.arange(len(indices)), :, flips.long()]  # (B, 2, C, h, w)
+        return picked[:, 0].to(self.device), picked[:, 1].to(self.device)
 
     def conditioning(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
         """Hidden states (B, L, D) from the text cache, or token ids (B, L) for a trainable encoder."""
         captions = self.augment.captions(batch["index"].tolist(), generator)
         if self.text_trains:
             return self.pipe.text_encoder.tokenize(captions).to(self.device)
-        return self.text[[self.row[c] for c in captions]]
+        return self.text.read(self.row[c] for c in captions).to(self.device)
 
-    def _latent_cache(self, path: Path) -> dict[str, torch.Tensor]:
-        d = self.cfg.data
-        key = json.dumps([files_fingerprint(p for p, _ in self.dataset.items), d.resolution, d.crop, d.flip, state_hash(self.pipe.vae)])
-        views = 2 if d.flip else 1
-        f, C = self.pipe.vae_factor, self.pipe.cfg.vae.latent_channels
+    def _latent_cache(self, cache_dir: Path) -> list[int]:
+        """Build what is missing of the latent cache and map it; returns the indices of the images that encoded."""
+        ds, d, vae = self.dataset, self.cfg.data, self.pipe.vae
+        views, f, C = 2 if d.flip else 1, self.pipe.vae_factor, self.pipe.cfg.vae.latent_channels
+        members = [np.flatnonzero(ds.bucket_of == b) for b in range(len(ds.buckets))]  # dataset indices per bucket
+        self.slot = np.zeros(len(ds), dtype=np.int64)  # each image's row in its bucket's array
+        for m in members:
+            self.slot[m] = np.arange(len(m))
+        content = hashlib.sha256("".join(ds.info(i).digest for i in range(len(ds))).encode()).hexdigest()
+        dtype = str(next(vae.parameters()).dtype)
+        key = _key([content, d.resolution, d.crop, views, ds.buckets, _hash(ds.bucket_of),
+                    state_hash(vae), dtype, self.pipe.cfg.vae.scale_factor])
+        root = cache_dir / f"latents-{key[:16]}"
+        self.latent_arrays = [ChunkedArray(root / f"{w}x{h}", len(m), (2, views, C, h // f, w // f), key)
+                              for (w, h), m in zip(ds.buckets, members)]
+        arrays = {id(a): m for a, m in zip(self.latent_arrays, members)}
 
         @torch.no_grad()
-        def encode(rows: list[int]) -> torch.Tensor:
-            out = torch.full((len(rows), 2, views, C, d.resolution // f, d.resolution // f), float("nan"))
-            pixels = [self.dataset.pixels_for_cache(i) for i in rows]
-            ok = [k for k, p in enumerate(pixels) if p is not None]
-            if ok:
-                x = torch.stack([pixels[k] for k in ok]).to(self.device)
-                for v, view in enumerate([x, x.flip(-1)][:views]):
-                    posterior = self.pipe.vae.encode(view)
-                    out[ok, 0, v], out[ok, 1, v] = posterior.mean.cpu(), posterior.std.cpu()
-            return out
+        def encode(array: ChunkedArray, batches: list[list[int]]) -> Iterator:
+            indices = [[int(arrays[id(array)][r]) for r in rows] for rows in batches]
+            loader = torch.utils.data.DataLoader(_CachePixels(ds), batch_sampler=indices, num_workers=d.num_workers, collate_fn=list)
+            for pixels in loader:
+                out = torch.full((len(pixels), *array.row_shape), float("nan"))
+                ok = [k for k, p in enumerate(pixels) if p is not None]
+                if ok:
+                    x = torch.stack([pixels[k] for k in ok]).to(self.device)
+                    for v, view in enumerate([x, x.flip(-1)][:views]):
+                        posterior = vae.encode(view)
+                        out[ok, 0, v], out[ok, 1, v] = posterior.mean.cpu(), posterior.std.cpu()
+                yield out.numpy(), [k for k in range(len(pixels)) if k not in ok]
 
-        build = lambda: {"moments": sharded_map(self.acc, len(self.dataset), encode, self.batch_size)}  # noqa: E731
-        return cached_tensors(path, hashlib.sha256(key.encode()).hexdigest(), build, self.acc)
+        if self.acc.is_main_process:
+            drop_stale(cache_dir, "latents", keep=root)
+        fill(self.acc, self.latent_arrays, encode, "cache latents")
+        failed = {int(m[r]) for a, m in zip(self.latent_arrays, members) for r in a.open()}
+        return [i for i in range(len(ds)) if i not in failed]
 
-    def _text_cache(self, path: Path, captions: list[str]) -> dict[str, torch.Tensor]:
+    def _text_cache(self, cache_dir: Path, captions: list[str]) -> ChunkedArray:
         te = self.pipe.text_encoder
-        key = hashlib.sha256(json.dumps([captions, te.cfg.layer, state_hash(te)]).encode()).hexdigest()
+        key = _key([captions, te.cfg.layer, state_hash(te)])
+        root = cache_dir / f"text-{key[:16]}"
+        hidden = te.encode([""]).shape[1:]  # (L, D)
+        array = ChunkedArray(root / "all", len(captions), tuple(hidden), key)
 
         @torch.no_grad()
-        def encode(rows: list[int]) -> torch.Tensor:
-            return te.encode([captions[r] for r in rows]).float().cpu()
+        def encode(_: ChunkedArray, batches: list[list[int]]) -> Iterator:
+            for rows in batches:
+                yield te.encode([captions[r] for r in rows]).float().cpu().numpy(), []
 
-        build = lambda: {"hidden": sharded_map(self.acc, len(captions), encode, self.batch_size)}  # noqa: E731
-        return cached_tensors(path, key, build, self.acc)
+        if self.acc.is_main_process:
+            drop_stale(cache_dir, "text", keep=root)
+        fill(self.acc, [array], encode, "cache text")
+        array.open()
+        return array
+
+
+def _hash(a: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
+
+
+def _key(parts: list) -> str:
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()

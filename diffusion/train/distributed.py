@@ -1,13 +1,11 @@
 """What several processes must agree on: per-rank random streams, the loss and the stop decision, equal
-weights, and work split over the ranks. Every function here is a collective unless it says otherwise."""
+weights, and barriers. Every function here is a collective unless it says otherwise."""
 
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -64,28 +62,10 @@ def check_in_sync(accelerator, module: nn.Module | dict, what: str) -> str:
     return check_same(accelerator, state_hash(module), f"the {what} weights differ between processes")
 
 
-def sharded_map(accelerator, n: int, fn: Callable[[list[int]], torch.Tensor], batch_size: int) -> torch.Tensor:
-    """torch.cat([fn(batch) for batches of range(n)]), with the work split over the ranks and gathered.
-
-    Rank r computes items r, r + W, ...; every rank ends with all n rows, so none waits on another's
-    long preprocessing (the cause of multi-GPU start-up time-outs).
-    """
-    W, r = accelerator.num_processes, accelerator.process_index
-    mine = list(range(r, n, W))
-    rows = [fn(mine[i : i + batch_size]) for i in range(0, len(mine), batch_size)]
-    local = torch.cat(rows) if rows else None
-    if W == 1:
-        return local
-    per_rank = math.ceil(n / W)
-    if local is None:  # more ranks than items: learn the row shape from one item
-        local = fn([0])[:0]
-    pad = local.new_zeros((per_rank - local.shape[0], *local.shape[1:]))
-    gathered = accelerator.gather(torch.cat([local, pad]).to(accelerator.device)).cpu()
-    out = gathered.new_empty((n, *gathered.shape[1:]))
-    for rank in range(W):
-        count = len(range(rank, n, W))
-        out[rank::W] = gathered[rank * per_rank : rank * per_rank + count]
-    return out
+def barrier(accelerator) -> None:
+    """Wait for every rank (a no-op in a single process)."""
+    if accelerator.num_processes > 1:
+        accelerator.wait_for_everyone()
 
 
 def debug_record(accelerator, **fields) -> None:

@@ -99,7 +99,7 @@ def load_data(cfg: Config, accelerator: Accelerator):
     with accelerator.local_main_process_first():
         if accelerator.is_local_main_process and ensure_shapes(cfg.data):
             print(f"generated {cfg.data.shapes.num} shapes images in {cfg.data.path}", file=sys.stderr)
-    index = index_folder(cfg.data.path, cfg.data)
+    index = index_folder(cfg.data.path, cfg.data, progress=accelerator.is_main_process)
     if cfg.data.reg_path:
         add_regularization(index, cfg.data)
     if accelerator.is_main_process:
@@ -117,6 +117,7 @@ def add_regularization(index, data) -> None:
         raise DataError(f"data.reg_path: {e}") from None
     pairs = reg.items[: data.reg_num or None]
     index.items.extend(pairs)
+    index.info.update(reg.info)
     index.notes.append(f"regularization: {len(pairs)} pairs from {data.reg_path} (data.reg_path)")
 
 
