@@ -146,6 +146,13 @@ class DataConfig:
     # what the base model did. reg_num: how many of its pairs (in sorted order); 0: all.
     reg_path: Optional[str] = None
     reg_num: int = 0
+    # Aspect-ratio buckets (kohya): train each image in the (w, h) of about resolution² pixels nearest its shape,
+    # batches from one bucket. Sides step by bucket_step (0: 8 latent pixels, 64 for SD) from bucket_min_side
+    # (0: resolution/2) to bucket_max_side (0: 2·resolution). Off: every image is cropped to a square.
+    buckets: bool = False
+    bucket_min_side: int = 0
+    bucket_max_side: int = 0
+    bucket_step: int = 0
     shapes: ShapesConfig = field(default_factory=ShapesConfig)
 
 
@@ -297,6 +304,7 @@ def validate(cfg: Config) -> None:
         )
     if cfg.data.resolution % cfg.vae.factor:
         raise ConfigError(f"data.resolution ({cfg.data.resolution}) must be divisible by the VAE factor {cfg.vae.factor}")
+    validate_buckets(cfg)
     if cfg.model.pretrained and cfg.vae_training.pretrained:
         raise ConfigError("model.pretrained brings its own VAE; leave vae_training.pretrained unset")
     if cfg.training.eval_every < 0:
@@ -320,6 +328,25 @@ def validate(cfg: Config) -> None:
     bad_levels = [lvl for lvl in cfg.unet.attention_levels if not 0 <= lvl < len(cfg.unet.channel_mult)]
     if bad_levels:
         raise ConfigError(f"unet.attention_levels {bad_levels} out of range for {len(cfg.unet.channel_mult)} levels")
+
+
+def validate_buckets(cfg: Config) -> None:
+    """Bucket sides must survive the VAE's and the U-Net's downsampling: a multiple of their product."""
+    d = cfg.data
+    if min(d.bucket_min_side, d.bucket_max_side, d.bucket_step) < 0:
+        raise ConfigError("data.bucket_min_side, bucket_max_side and bucket_step must be >= 0 (0: the default)")
+    down = cfg.vae.factor * 2 ** (len(cfg.unet.channel_mult) - 1)
+    if not d.buckets:
+        return
+    if d.bucket_step and d.bucket_step % down:
+        raise ConfigError(f"data.bucket_step ({d.bucket_step}) must be a multiple of {down}: the VAE factor times the U-Net's downsampling")
+    from .data.buckets import config_buckets
+    from .errors import ToolkitError
+
+    try:
+        config_buckets(d, cfg.vae.factor)  # at load time, not after the VAE stage
+    except ToolkitError as e:
+        raise ConfigError(str(e)) from None
 
 
 def validate_lora(cfg: Config) -> None:

@@ -1,11 +1,13 @@
 """Prepare and inspect training data.
 
-    python -m diffusion.data check FOLDER [--missing-caption error|empty|skip] [--min-size N]
+    python -m diffusion.data [check] FOLDER [--missing-caption error|empty|skip] [--min-size N]
+                                        [--buckets RESOLUTION [--bucket-step 64] [--bucket-min-side N] [--bucket-max-side N]]
     python -m diffusion.data shapes OUT [--num 2000] [--size 32] [--seed 0] [--held-out "red circle" ...]
                                         [--colors cyan ...]
 
 `check` indexes an image-caption folder and prints what training would use and what it would skip,
-and why; it fails (exit 1) when nothing is usable. `shapes` writes the built-in shapes folder, in the six
+and why (with --buckets, also how many images each aspect bucket of about RESOLUTION² pixels would get);
+it fails (exit 1) when nothing is usable. `check` may be left out. `shapes` writes the built-in shapes folder, in the six
 default colors unless --colors names others (e.g. cyan, which the default data set leaves out).
 """
 
@@ -35,6 +37,11 @@ def parse_args(argv: Sequence[str] | None):
         "--min-size", type=int, default=_DEFAULTS.min_size,
         help=f"skip images with a side below this many pixels (default {_DEFAULTS.min_size})",
     )
+    check.add_argument("--buckets", type=int, metavar="RESOLUTION",
+                       help="print the aspect-bucket histogram for data.resolution RESOLUTION (data.buckets)")
+    check.add_argument("--bucket-step", type=int, default=64, help="bucket sides step by this (default 64: SD's f=8 x 8)")
+    check.add_argument("--bucket-min-side", type=int, default=0, help="default: RESOLUTION/2")
+    check.add_argument("--bucket-max-side", type=int, default=0, help="default: 2 x RESOLUTION")
     shapes = commands.add_parser("shapes", help="write the built-in shapes image-caption folder")
     shapes.add_argument("out", help="output folder (must be missing or empty)")
     shapes.add_argument("--num", type=int, default=2000, help="number of images (default 2000)")
@@ -50,16 +57,24 @@ def parse_args(argv: Sequence[str] | None):
     )
     for sub in (check, shapes):
         sub.error = parser.error  # one line and exit 2 from the subcommands too
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and not argv[0].startswith("-") and argv[0] not in commands.choices:
+        argv.insert(0, "check")  # python -m diffusion.data FOLDER
     return parser.parse_args(argv)
 
 
-def check_folder(folder: str, missing_caption: str, min_size: int) -> None:
+def check_folder(folder: str, missing_caption: str, min_size: int, buckets: DataConfig | None = None) -> None:
     from diffusion.data.folder import DataError, index_folder
 
     index = index_folder(folder, DataConfig(path=folder, missing_caption=missing_caption, min_size=min_size), strict=False)
     print(index.report())
     if not index.items:
         raise DataError(f"no usable image-caption pairs in {folder}")
+    if buckets:
+        from diffusion.data.buckets import assign, config_buckets, histogram
+
+        sizes = config_buckets(buckets, vae_factor=8)
+        print(histogram(assign([index.info[p].size for p, _ in index.items], sizes), sizes))
 
 
 def write_shapes(out: Path, num: int, size: int, seed: int, held_out: list[str], colors: list[str] | None = None) -> None:
@@ -88,7 +103,13 @@ def write_shapes(out: Path, num: int, size: int, seed: int, held_out: list[str],
 def run(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     if args.command == "check":
-        check_folder(args.folder, args.missing_caption, args.min_size)
+        buckets = None
+        if args.buckets:
+            if min(args.buckets, args.bucket_step) < 1:
+                raise UsageError("--buckets and --bucket-step must be positive")
+            buckets = DataConfig(resolution=args.buckets, buckets=True, bucket_step=args.bucket_step,
+                                 bucket_min_side=args.bucket_min_side, bucket_max_side=args.bucket_max_side)
+        check_folder(args.folder, args.missing_caption, args.min_size, buckets)
     else:
         write_shapes(Path(args.out), args.num, args.size, args.seed, args.held_out, args.colors)
 

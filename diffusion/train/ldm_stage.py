@@ -20,6 +20,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from ..config import ConfigError
 from ..data import ImageCaptionDataset, all_prompts
+from ..data.buckets import config_buckets, histogram
 from ..errors import TrainError
 from ..eval.fidelity import TRAINING_PROMPTS, evaluate_shapes
 from ..eval.shapes import ATTRIBUTES
@@ -31,7 +32,7 @@ from .cache import LatentSource
 from .distributed import make_generator
 from .loop import Run, Stage
 from .optim import EMA, adamw, lr_lambda
-from .order import ShardedOrder
+from .order import BucketOrder, ShardedOrder
 
 PREVIEW_STEPS = 20  # sampler steps for preview grids: cheap, and enough to see progress
 EVAL_STEPS = 10  # DDIM steps for the in-training prompt fidelity: cheap, and it ranks runs as DDIM 50 does
@@ -161,9 +162,15 @@ class LDMStage(Stage):
         self.ema = EMA(self.averaged, tc.ema_decay, tc.ema_warmup)
         self.model_ddp, self.optimizer = acc.prepare(self.model, optimizer)
 
-        dataset = ImageCaptionDataset(run.index, cfg.data, train=True)
+        buckets = config_buckets(cfg.data, pipe.vae_factor) if cfg.data.buckets else None
+        dataset = ImageCaptionDataset(run.index, cfg.data, train=True, buckets=buckets)
+        if buckets:
+            run.say(histogram(dataset.bucket_of, dataset.buckets))
         self.source = LatentSource(pipe, dataset, cfg, run.out / "cache", acc, self.text_trains)
-        self.order = ShardedOrder(self.source.indices, tc.batch_size, cfg.seed, acc.process_index, acc.num_processes)
+        if buckets:
+            self.order = BucketOrder(self.source.indices, dataset.bucket_of, tc.batch_size, cfg.seed, acc.process_index, acc.num_processes)
+        else:
+            self.order = ShardedOrder(self.source.indices, tc.batch_size, cfg.seed, acc.process_index, acc.num_processes)
         self.generator = make_generator(acc, cfg.seed, stream=2)
         self.load = self.source.load
 

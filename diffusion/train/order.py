@@ -40,6 +40,37 @@ class ShardedOrder:
         return [mine[b * bs : (b + 1) * bs] for b in range(start, self.batches_per_epoch)]
 
 
+class BucketOrder(ShardedOrder):
+    """ShardedOrder for aspect-ratio buckets: every batch holds images of one bucket.
+
+    Per epoch, each bucket's images are permuted and cut into full batches (a bucket's tail waits for another
+    epoch), all the batches are permuted together and dealt out to the ranks, every rank the same number.
+    Still a function of (seed, epoch) alone, so resuming is exact; batches_per_epoch counts the real batches.
+    """
+
+    def __init__(self, indices: list[int], bucket_of, batch_size: int, seed: int, rank: int, world_size: int):
+        self.groups: dict[int, list[int]] = {}
+        for i in indices:
+            self.groups.setdefault(int(bucket_of[i]), []).append(i)
+        self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
+        self.batches_per_epoch = sum(len(g) // batch_size for g in self.groups.values()) // world_size
+        if self.batches_per_epoch == 0:
+            sizes = ", ".join(str(len(g)) for _, g in sorted(self.groups.items()))
+            raise TrainError(
+                f"no aspect bucket holds batch_size {batch_size} images for each of {world_size} processes "
+                f"(images per bucket: {sizes}); lower the batch size, add images or widen the buckets"
+            )
+
+    def batches(self, epoch: int, start: int = 0) -> list[list[int]]:
+        g = torch.Generator().manual_seed(epoch_seed(self.seed, epoch))
+        bs, every = self.batch_size, []
+        for _, group in sorted(self.groups.items()):
+            perm = [group[i] for i in torch.randperm(len(group), generator=g).tolist()]
+            every += [perm[b * bs : (b + 1) * bs] for b in range(len(group) // bs)]
+        dealt = [every[i] for i in torch.randperm(len(every), generator=g).tolist()][self.rank :: self.world_size]
+        return dealt[start : self.batches_per_epoch]
+
+
 def batch_stream(order: ShardedOrder, position: tuple[int, int], load: Callable[[int, list[list[int]]], Iterable]):
     """Endless (position after this batch, batch), from position = (epoch, batch in epoch) on.
 
