@@ -153,6 +153,9 @@ class DataConfig:
     bucket_min_side: int = 0
     bucket_max_side: int = 0
     bucket_step: int = 0
+    # Shards (data.path a folder of .tar files or a pattern like shards/{00000..00099}.tar): samples each data
+    # worker mixes in a seeded buffer before batching; 1 reads them in shard order.
+    shuffle_buffer: int = 1000
     shapes: ShapesConfig = field(default_factory=ShapesConfig)
 
 
@@ -305,6 +308,8 @@ def validate(cfg: Config) -> None:
     if cfg.data.resolution % cfg.vae.factor:
         raise ConfigError(f"data.resolution ({cfg.data.resolution}) must be divisible by the VAE factor {cfg.vae.factor}")
     validate_buckets(cfg)
+    if cfg.data.shuffle_buffer < 1:
+        raise ConfigError(f"data.shuffle_buffer must be >= 1 (1: no shuffling), got {cfg.data.shuffle_buffer}")
     if cfg.model.pretrained and cfg.vae_training.pretrained:
         raise ConfigError("model.pretrained brings its own VAE; leave vae_training.pretrained unset")
     if cfg.training.eval_every < 0:

@@ -27,10 +27,13 @@ class Augmentation:
 
     def captions(self, indices: list[int], generator: torch.Generator) -> list[str]:
         """One of each image's captions, replaced by "" with probability data.caption_dropout."""
-        pick, drop = torch.rand(2, len(indices), generator=generator, device=generator.device).tolist()
+        return self.pick([self.dataset.captions(i) for i in indices], generator)
+
+    def pick(self, choices: list[list[str]], generator: torch.Generator) -> list[str]:
+        """One caption of each list (a streamed batch brings its own), or "" with probability data.caption_dropout."""
+        pick, drop = torch.rand(2, len(choices), generator=generator, device=generator.device).tolist()
         out = []
-        for i, u, d in zip(indices, pick, drop):
-            caps = self.dataset.captions(i)
+        for caps, u, d in zip(choices, pick, drop):
             out.append("" if d < self.cfg.caption_dropout else caps[min(int(u * len(caps)), len(caps) - 1)])
         return out
 

@@ -145,11 +145,12 @@ class LatentSource:
         self.text_trains = cfg.text_encoder.trainable if text_trains is None else text_trains
         self.device = accelerator.device
         self.augment = Augmentation(dataset, cfg.data)
-        self.cached = cfg.training.cache_latents and cfg.data.crop == "center"
-        self.indices = list(range(len(dataset)))
+        # Streamed shards (dataset None) bring pixels and captions in each batch: encoded per batch, never cached.
+        self.cached = dataset is not None and cfg.training.cache_latents and cfg.data.crop == "center"
+        self.indices = list(range(len(dataset))) if dataset is not None else []
         if self.cached:
             self.indices = self._latent_cache(cache_dir)
-        if not self.text_trains:
+        if dataset is not None and not self.text_trains:
             captions = sorted({c for i in range(len(dataset)) for c in dataset.captions(i)} | {""})
             self.row = {c: r for r, c in enumerate(captions)}
             self.text = self._text_cache(cache_dir, captions)
@@ -179,9 +180,15 @@ class LatentSource:
 
     def conditioning(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
         """Hidden states (B, L, D) from the text cache, or token ids (B, L) for a trainable encoder."""
-        captions = self.augment.captions(batch["index"].tolist(), generator)
+        if "captions" in batch:
+            captions = self.augment.pick(batch["captions"], generator)
+        else:
+            captions = self.augment.captions(batch["index"].tolist(), generator)
         if self.text_trains:
             return self.pipe.text_encoder.tokenize(captions).to(self.device)
+        if self.dataset is None:
+            with torch.no_grad():
+                return self.pipe.text_encoder.encode(captions).float()
         return self.text.read(self.row[c] for c in captions).to(self.device)
 
     def _latent_cache(self, cache_dir: Path) -> list[int]:

@@ -21,6 +21,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from ..config import ConfigError
 from ..data import ImageCaptionDataset, all_prompts
 from ..data.buckets import config_buckets, histogram
+from ..data.shards import ShardIndex, ShardOrder, shard_loader
 from ..errors import TrainError
 from ..eval.fidelity import TRAINING_PROMPTS, evaluate_shapes
 from ..eval.shapes import ATTRIBUTES
@@ -72,10 +73,10 @@ def freeze_unused(text_encoder: nn.Module) -> None:
 
 def distinct_captions(index, n: int) -> list[str]:
     seen: dict[str, None] = {}
-    for _, captions in index.items:
-        for c in captions:
-            if c and len(seen) < n:
-                seen.setdefault(c)
+    captions = index.captions(4 * n) if isinstance(index, ShardIndex) else (c for _, caps in index.items for c in caps)
+    for c in captions:
+        if c and len(seen) < n:
+            seen.setdefault(c)
     return list(seen)
 
 
@@ -162,6 +163,13 @@ class LDMStage(Stage):
         self.ema = EMA(self.averaged, tc.ema_decay, tc.ema_warmup)
         self.model_ddp, self.optimizer = acc.prepare(self.model, optimizer)
 
+        self.generator = make_generator(acc, cfg.seed, stream=2)
+        self.skipped = 0  # corrupt shard members passed over since the last metrics line (this rank)
+        if isinstance(run.index, ShardIndex):  # streamed: latents encoded per batch
+            self.source = LatentSource(pipe, None, cfg, run.out / "cache", acc, self.text_trains)
+            self.order = ShardOrder(run.index, tc.batch_size, cfg.seed, acc.process_index, acc.num_processes, cfg.data.num_workers)
+            self.load = shard_loader(self.order, cfg.data, tc.batch_size, cfg.seed)
+            return
         buckets = config_buckets(cfg.data, pipe.vae_factor) if cfg.data.buckets else None
         dataset = ImageCaptionDataset(run.index, cfg.data, train=True, buckets=buckets)
         if buckets:
@@ -171,7 +179,6 @@ class LDMStage(Stage):
             self.order = BucketOrder(self.source.indices, dataset.bucket_of, tc.batch_size, cfg.seed, acc.process_index, acc.num_processes)
         else:
             self.order = ShardedOrder(self.source.indices, tc.batch_size, cfg.seed, acc.process_index, acc.num_processes)
-        self.generator = make_generator(acc, cfg.seed, stream=2)
         self.load = self.source.load
 
     # What a subclass (LoRAStage) changes: the pipeline it trains, which weights train and are averaged.
@@ -206,13 +213,17 @@ class LDMStage(Stage):
                 acc.backward(loss / tc.grad_accum)
             losses.append(loss.detach())
             indices += batch["index"].tolist()
+            self.skipped += batch.get("skipped", 0)
         return torch.stack(losses).mean(), position, indices
 
     def after_update(self, step: int) -> None:
         self.ema.update(self.averaged, step)
 
     def log_values(self, step: int) -> dict[str, float]:
-        return {"ema_decay": self.ema.decay_at(step - 1)}
+        values = {"ema_decay": self.ema.decay_at(step - 1)}
+        if isinstance(self.run.index, ShardIndex):  # every rank logs a line at the same steps: a safe collective
+            values["data_skipped"] = skipped_members(self.run.accelerator, self)
+        return values
 
     def evaluate(self, step: int) -> Optional[dict[str, str]]:
         """Every training.eval_every steps: prompt fidelity of the EMA model on eval_prompts, with DDIM."""
@@ -262,6 +273,15 @@ class LDMStage(Stage):
         with self.ema.swapped_in(self.pipe.unet):
             self.pipe.save(self.run.out / "model")
         self.run.say(f"saved the model to {self.run.out / 'model'} (load it with sample.py or app.py)")
+
+
+def skipped_members(accelerator, stage) -> int:
+    """Corrupt shard members that all ranks passed over since the last call (a collective)."""
+    count = torch.tensor(float(stage.skipped), device=accelerator.device)
+    stage.skipped = 0
+    if accelerator.num_processes > 1:
+        count = accelerator.reduce(count, "sum")
+    return int(count)
 
 
 def eval_prompts(cfg) -> list[str]:

@@ -11,6 +11,7 @@ from accelerate import Accelerator
 
 from ..config import Config, load_config, load_yaml, save_config, to_dict
 from ..data import DataError, ensure_shapes, index_folder
+from ..data.shards import is_shards, list_shards
 from ..errors import TrainError, warn
 from .loop import Run, run_loop
 from .metrics import MetricsLogger
@@ -94,7 +95,17 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 
 def load_data(cfg: Config, accelerator: Accelerator):
-    """Index the data folder on every rank (deterministic, no collective), generating shapes data first if asked."""
+    """Index the data folder on every rank (deterministic, no collective), generating shapes data first if asked.
+
+    Shards (data.path a folder of .tar files or a brace pattern) are listed and counted, not indexed.
+    """
+    if is_shards(cfg.data.path):
+        if cfg.data.reg_path or cfg.data.buckets:
+            raise DataError("data.reg_path and data.buckets need an image-caption folder as data.path, not shards")
+        index = list_shards(cfg.data.path)
+        if accelerator.is_main_process:
+            print(index.report(), file=sys.stderr)
+        return index
     # One process per machine generates (the same bytes everywhere); the others wait, then find it there.
     with accelerator.local_main_process_first():
         if accelerator.is_local_main_process and ensure_shapes(cfg.data):

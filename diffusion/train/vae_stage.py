@@ -17,6 +17,7 @@ from accelerate.utils import set_seed
 from torch.optim.lr_scheduler import LambdaLR
 
 from ..data import ImageCaptionDataset
+from ..data.shards import ShardIndex, ShardOrder, head, shard_loader
 from ..eval.image import psnr
 from ..io.vae_folder import save_vae
 from ..io.weights import load_state_dict_checked, save_weights
@@ -92,14 +93,29 @@ class VAEStage(Stage):
             d_opt = adamw(self.disc.parameters(), lr=vc.lr, betas=VAE_ADAM_BETAS, weight_decay=0.0)
             self.disc_ddp, self.d_opt = acc.prepare(self.disc, d_opt)
 
+        self.generator = make_generator(acc, cfg.seed, stream=1)
+        self.augment = Augmentation(None, cfg.data)  # flips only
+        if isinstance(run.index, ShardIndex):
+            self.stream_shards(run)
+            return
         self.dataset = ImageCaptionDataset(run.index, cfg.data, train=True)
-        self.augment = Augmentation(self.dataset, cfg.data)
         self.val_idx, self.train_idx = split_val(len(self.dataset), vc.val_images, cfg.seed)
         self.plain = ImageCaptionDataset(run.index, cfg.data, train=False)
         self.val = torch.stack([self.plain[i]["pixels"] for i in self.val_idx]).to(acc.device)
+        self.scale_images = lambda: torch.stack([self.plain[i]["pixels"] for i in self.train_idx[: vc.scale_samples]])
         self.order = ShardedOrder(self.train_idx, vc.batch_size, cfg.seed, acc.process_index, acc.num_processes)
-        self.generator = make_generator(acc, cfg.seed, stream=1)
         self.load = epoch_loader(self.dataset, cfg.data.num_workers, cfg.seed)
+
+    def stream_shards(self, run: Run) -> None:
+        """Shards: the first val_images usable samples are held back (left out of the stream), the next
+        scale_samples set the latent scale."""
+        cfg, acc, vc = run.cfg, run.accelerator, self.vc
+        first = head(run.index, min(vc.val_images, len(run.index) // 2) + vc.scale_samples, cfg.data)
+        n_val = min(vc.val_images, len(first) // 2)
+        self.val = torch.stack([s["pixels"] for s in first[:n_val]]).to(acc.device)
+        self.scale_images = lambda: torch.stack([s["pixels"] for s in first[n_val:]])
+        self.order = ShardOrder(run.index, vc.batch_size, cfg.seed, acc.process_index, acc.num_processes, cfg.data.num_workers)
+        self.load = shard_loader(self.order, cfg.data, vc.batch_size, cfg.seed, exclude=frozenset(s["id"] for s in first[:n_val]))
 
     @property
     def optimizers(self) -> list:
@@ -166,8 +182,7 @@ class VAEStage(Stage):
         """Set the latent scale over a sample of the data, then write output_dir/vae/."""
         cfg = self.run.cfg
         self.vae.eval()
-        idx = self.train_idx[: self.vc.scale_samples]
-        images = torch.stack([self.plain[i]["pixels"] for i in idx]).to(self.run.accelerator.device)
+        images = self.scale_images().to(self.run.accelerator.device)
         vae_cfg = dataclasses.replace(cfg.vae, scale_factor=latent_scale(self.vae, images, cfg.seed))
         save_vae(self.vae, vae_cfg, self.root)
         value = self.reconstruct(step)

@@ -1,0 +1,190 @@
+"""WebDataset shards: packing a folder, finding and counting shards, the per-epoch order over ranks and workers,
+corrupt members and truncated tars, the bad-input errors, and a two-process run on shards."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+import webdataset as wds
+
+from diffusion.config import DataConfig
+from diffusion.data import DataError, generate_shapes
+from diffusion.data.__main__ import main as data_main
+from diffusion.data.shards import SAMPLE_BITS, ShardOrder, ShardStream, check_key, head, is_shards, list_shards, shard_loader
+
+ROOT = Path(__file__).resolve().parents[1]
+CFG = DataConfig(resolution=16, shuffle_buffer=8)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    """48 shapes images (16x16) packed as 6 shards of 8."""
+    root = tmp_path_factory.mktemp("shards")
+    generate_shapes(root / "data", num=48, size=16)
+    assert data_main(["pack", str(root / "data"), str(root / "shards"), "--shard-size", "8"]) == 0
+    return root / "shards"
+
+
+def ids(batches) -> list[int]:
+    return [i for b in batches for i in b["index"].tolist()]
+
+
+def stream(index, epoch=0, start=0, rank=0, world=1, batch=4, seed=0, cfg=CFG):
+    plan = ShardOrder(index, batch, seed, rank, world, cfg.num_workers).batches(epoch, start)
+    return list(ShardStream(plan, cfg, batch, seed))
+
+
+def test_pack_writes_img2datasets_layout_and_reports_like_check(shards, tmp_path, capsys):
+    assert sorted(p.name for p in shards.iterdir())[:4] == ["00000.tar", "00000_stats.json", "00001.tar", "00001_stats.json"]
+    assert json.loads((shards / "00005_stats.json").read_text())["successes"] == 8
+    with tarfile.open(shards / "00000.tar") as tar:
+        names = tar.getnames()
+        assert sorted(names[:3]) == ["00000.json", "00000.png", "00000.txt"] and len(names) == 24
+        assert tar.extractfile("00000.png").read() == (shards.parent / "data" / "00000.png").read_bytes()  # bytes as they were
+        meta = json.loads(tar.extractfile("00000.json").read())
+        assert meta["file_name"] == "00000.png" and (meta["width"], meta["height"]) == (16, 16)
+    folder = tmp_path / "mixed"
+    generate_shapes(folder, num=3, size=16)
+    (folder / "bad.png").write_bytes(b"not a png")
+    (folder / "bad.txt").write_text("x")
+    capsys.readouterr()
+    assert data_main(["pack", str(folder), str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "usable: 3  skipped: 1" in out and "wrote 3 samples in 1 shards" in out
+
+
+def test_pack_refuses_keys_with_dots_and_duplicate_keys(tmp_path, capsys):
+    seen = {}
+    check_key("cat", seen, "cat.jpg")
+    with pytest.raises(DataError, match="duplicate sample key 'cat': cat.jpg and cat.png"):
+        check_key("cat", seen, "cat.png")
+    folder = tmp_path / "data"
+    generate_shapes(folder, num=2, size=16)
+    (folder / "00000.png").rename(folder / "a.b.png")
+    (folder / "00000.txt").rename(folder / "a.b.txt")
+    assert data_main(["pack", str(folder), str(tmp_path / "out")]) == 1
+    [line] = [ln for ln in capsys.readouterr().err.splitlines() if "error" in ln]  # after the progress bar
+    assert line.startswith("error: sample key 'a.b' (from a.b.png) holds a dot") and not (tmp_path / "out").exists()
+
+
+def test_bad_shard_paths_are_one_line(shards, tmp_path):
+    assert is_shards(str(shards)) and is_shards("x/{0..3}.tar") and not is_shards(str(shards.parent / "data"))
+    with pytest.raises(DataError, match="data.path is empty"):
+        list_shards(" ")
+    with pytest.raises(DataError, match=r"matches no file \(10 names, the first .*/nowhere/00000.tar\)"):
+        list_shards(f"{tmp_path}/nowhere/{{00000..00009}}.tar")
+    with pytest.raises(DataError, match="names 8 shards but 2 are missing, the first .*00006.tar"):
+        list_shards(f"{shards}/{{00000..00007}}.tar")
+    empty = tmp_path / "captions-only"
+    empty.mkdir()
+    with tarfile.open(empty / "00000.tar", "w") as tar:
+        info = tarfile.TarInfo("00000.txt")
+        info.size = 3
+        tar.addfile(info, io.BytesIO(b"cat"))
+    with pytest.raises(DataError, match="shard .*00000.tar holds no image members"):
+        list_shards(str(empty))
+    assert len(list_shards(f"{shards}/{{00000..00005}}.tar")) == len(list_shards(str(shards))) == 48
+
+
+def test_too_few_shards_for_the_ranks_and_workers_fail_up_front(shards):
+    index = list_shards(str(shards))
+    with pytest.raises(DataError, match="6 shards cannot feed 2 processes x 4 data workers"):
+        ShardOrder(index, 4, 0, rank=0, world_size=2, workers=4)
+    ShardOrder(index, 4, 0, rank=0, world_size=2, workers=3)
+
+
+def test_ranks_read_disjoint_samples_and_as_many_batches(shards):
+    index = list_shards(str(shards))
+    per_rank = [stream(index, rank=r, world=2) for r in range(2)]
+    assert len(per_rank[0]) == len(per_rank[1]) == 6  # 3 shards of 8 each: 24 samples, 6 batches of 4
+    seen = [ids(b) for b in per_rank]
+    assert not set(seen[0]) & set(seen[1]) and len(set(seen[0]) | set(seen[1])) == 48
+    assert all(b["pixels"].shape == (4, 3, 16, 16) and len(b["captions"]) == 4 for b in per_rank[0])
+
+
+def test_epoch_orders_differ_and_repeat_exactly_after_a_restart(shards):
+    index = list_shards(str(shards))
+    first, second = stream(index, epoch=0), stream(index, epoch=1)
+    assert ids(first) != ids(second) and sorted(ids(first)) == sorted(ids(second))  # every sample once per epoch
+    again = stream(list_shards(str(shards)), epoch=1)  # a new process: the same shards, the same seed
+    assert ids(again) == ids(second) and all(torch.equal(a["pixels"], b["pixels"]) for a, b in zip(again, second))
+    assert ids(stream(index, epoch=1, start=5)) == ids(second[5:])  # resumed after 5 batches: the rest, nothing twice
+    assert ids(stream(index, epoch=1, seed=1)) != ids(second)
+
+
+def test_workers_split_a_ranks_shards_and_resume_at_the_same_batch(shards):
+    index = list_shards(str(shards))
+    cfg = DataConfig(resolution=16, shuffle_buffer=8, num_workers=2)
+    order = ShardOrder(index, 4, 0, rank=0, world_size=1, workers=2)
+    load = shard_loader(order, cfg, 4, 0)
+    batches = list(load(0, order.batches(0)))
+    assert len(batches) == 12 and sorted(ids(batches)) == sorted(ids(stream(index)))
+    assert ids(load(0, order.batches(0, start=3))) == ids(batches[3:])
+
+
+def write_corrupt_shards(folder: Path, shards: Path) -> None:
+    """00000.tar copied with one undecodable image and one caption-less sample; 00001.tar cut short."""
+    folder.mkdir()
+    with tarfile.open(shards / "00000.tar") as src, open(folder / "00000.tar", "wb") as f:
+        sink = wds.TarWriter(f, encoder=False)
+        groups: dict[str, dict] = {}
+        for member in src:
+            key, _, ext = member.name.partition(".")
+            groups.setdefault(key, {"__key__": key})[ext] = src.extractfile(member).read()
+        for k, (key, sample) in enumerate(groups.items()):
+            if k == 2:
+                sample["png"] = b"\x89PNG broken"
+            if k == 5:
+                del sample["txt"]
+            sink.write(sample)
+        sink.close()
+    data = (shards / "00001.tar").read_bytes()
+    (folder / "00001.tar").write_bytes(data[: len(data) // 2])
+
+
+def test_corrupt_members_are_skipped_and_counted_and_a_truncated_tar_named_once(shards, tmp_path, capsys):
+    folder = tmp_path / "corrupt"
+    write_corrupt_shards(folder, shards)
+    capsys.readouterr()
+    index = list_shards(str(folder))  # no stats files: counted from the headers
+    warned = capsys.readouterr().err.strip().splitlines()
+    assert len(warned) == 1 and "00001.tar is truncated or unreadable" in warned[0] and index.counts[0] == 8
+    batches = stream(index, batch=2)
+    assert len(batches) == (8 + index.counts[1]) // 2  # short of two good samples: the shards are read again to fill up
+    assert sum(b["skipped"] for b in batches) >= 2
+    assert 0 << SAMPLE_BITS | 2 not in ids(batches) and 0 << SAMPLE_BITS | 5 not in ids(batches)
+    assert capsys.readouterr().err.count("truncated") == 0  # named once per process, not on every read
+
+
+@pytest.mark.slow
+def test_two_processes_on_shards_read_disjoint_samples_and_end_with_the_same_weights(shards, tmp_path, tiny_model_dir):
+    debug, out = tmp_path / "debug", tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(ROOT / "train.py"),
+           "--config", str(ROOT / "configs" / "tiny.yaml"), f"data.path={shards}", f"output_dir={out}", "--stage", "ldm",
+           f"vae_training.pretrained={tiny_model_dir}", "training.max_steps=3", "training.checkpoint_every=3",
+           "training.batch_size=4", "sampling.steps=2", "training.log_every=1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DIFFUSION_DEBUG_DIR": str(debug)}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [[json.loads(line) for line in (debug / f"rank{r}.jsonl").read_text().splitlines()] for r in range(2)]
+    seen = [[i for rec in recs if "indices" in rec for i in rec["indices"]] for recs in records]
+    assert len(seen[0]) == len(seen[1]) == 3 * 4 and not set(seen[0]) & set(seen[1])
+    shard_of = [{i >> SAMPLE_BITS for i in s} for s in seen]
+    assert not shard_of[0] & shard_of[1]  # whole shards per rank
+    assert records[0][-1]["weights"] == records[1][-1]["weights"] and records[0][-1]["ema"] == records[1][-1]["ema"]
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["data_skipped"] for m in lines if "loss" in m] == [0, 0, 0]
+    assert proc.stderr.count("6 shards, 48 samples") == 1
+
+
+def test_vae_held_back_samples_come_first(shards):
+    first = head(list_shards(str(shards)), 3, CFG)
+    assert [s["id"] for s in first] == [0, 1, 2] and first[0]["pixels"].shape == (3, 16, 16)
