@@ -20,7 +20,7 @@ on the frozen VAE's latents, and exports output_dir/model/: the folder sample.py
       vae/samples/step-XXXXXX.png   held-back images above their reconstructions
       checkpoints/step-XXXXXX/      a loadable pipeline (EMA U-Net) + unet_train.safetensors, state.pt, meta.json
       samples/step-XXXXXX.png       the validation prompts, sampled with the EMA weights
-      cache/                        latents and text embeddings, keyed on the data files and the encoders' weights
+      cache/                        latents and text embeddings (memory-mapped), keyed on the images' bytes and the encoders' weights
       model/                        the exported pipeline (EMA U-Net)
       tensorboard/                  with training.tensorboard
 

@@ -68,8 +68,9 @@ def main() -> None:
         rss, wall = peak_rss_mib(train_command(data, out, args.steps, args.workers), env, args.work / f"run-{n}.log")
         rows.append((n, rss, wall))
         print(f"{n} images: peak RSS {rss:,.0f} MiB, {wall:.0f} s", file=sys.stderr)
-    print(f"| images | peak RSS | wall time |  (tiny.yaml, 32 px, cache_latents, {args.steps} steps, "
-          f"{args.threads} thread(s), {args.workers} workers)")
+    print(f"configs/tiny.yaml at 32 px, training.cache_latents=true, {args.steps} steps of each stage, "
+          f"{args.threads} thread(s), data.num_workers={args.workers}\n")
+    print("| images | peak RSS | wall time |")
     print("|---|---|---|")
     for n, rss, wall in rows:
         print(f"| {n:,} | {rss:,.0f} MiB | {wall:.0f} s |")

@@ -188,3 +188,28 @@ def test_two_processes_on_shards_read_disjoint_samples_and_end_with_the_same_wei
 def test_vae_held_back_samples_come_first(shards):
     first = head(list_shards(str(shards)), 3, CFG)
     assert [s["id"] for s in first] == [0, 1, 2] and first[0]["pixels"].shape == (3, 16, 16)
+
+
+@pytest.mark.parametrize("path, code, message", [
+    ("", 1, "error: data.path is empty"),
+    ("{root}/none/{{00000..00003}}.tar", 1, "error: data.path {root}/none/{{00000..00003}}.tar matches no file"),
+    ("{root}/images.tar", 1, "holds no image members"),
+])
+def test_bad_data_paths_stop_training_in_one_line(tmp_path, capsys, path, code, message):
+    from test_train import TINY, train_main
+
+    with tarfile.open(tmp_path / "images.tar", "w") as tar:
+        tar.addfile(tarfile.TarInfo("a.txt"))
+    path, message = path.format(root=tmp_path), message.format(root=tmp_path)
+    assert train_main(["--config", str(TINY), f"data.path={path}", f"output_dir={tmp_path / 'out'}"]) == code
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("error:") and message in line
+
+
+def test_a_bucket_config_admitting_no_image_stops_training_in_one_line(tmp_path, capsys):
+    from test_train import TINY, train_main
+
+    args = ["data.buckets=true", "data.bucket_step=4", "data.bucket_min_side=40", f"output_dir={tmp_path / 'out'}"]
+    assert train_main(["--config", str(TINY), *args]) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("error: data.buckets: no bucket of at most 16x16 pixels") and "lower bucket_min_side" in line

@@ -32,6 +32,8 @@ SAMPLE_BITS = 24  # a sample's id: shard number << SAMPLE_BITS | its place in th
 
 def is_shards(path: str) -> bool:
     """Whether data.path names shards (a brace pattern, a .tar, or a folder of .tar files) rather than images."""
+    if not path.strip():
+        return True  # an empty pattern: list_shards says what to give instead
     p = Path(path)
     return "{" in path or p.suffix == ".tar" or (p.is_dir() and any(p.glob("*.tar")))
 

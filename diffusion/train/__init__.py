@@ -6,6 +6,6 @@
     optim.py        AdamW, the LR schedule, the EMA
     checkpoints.py  atomic checkpoint folders and the exact training state
     distributed.py  what the ranks must agree on
-    order.py        the seeded data order;  augment.py  flips and captions;  cache.py  the latent cache
+    order.py        the seeded data order (buckets too);  augment.py  flips and captions;  cache.py  the latent cache on disk
     metrics.py      metrics.jsonl;  signals.py  stopping on SIGINT/SIGTERM
 """
