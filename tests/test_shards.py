@@ -37,9 +37,9 @@ def ids(batches) -> list[int]:
     return [i for b in batches for i in b["index"].tolist()]
 
 
-def stream(index, epoch=0, start=0, rank=0, world=1, batch=4, seed=0, cfg=CFG):
+def stream(index, epoch=0, start=0, rank=0, world=1, batch=4, seed=0, cfg=CFG, read=None):
     plan = ShardOrder(index, batch, seed, rank, world, cfg.num_workers).batches(epoch, start)
-    return list(ShardStream(plan, cfg, batch, seed))
+    return list(ShardStream(plan, cfg, batch, seed, read=read))
 
 
 def test_pack_writes_img2datasets_layout_and_reports_like_check(shards, tmp_path, capsys):
@@ -213,3 +213,80 @@ def test_a_bucket_config_admitting_no_image_stops_training_in_one_line(tmp_path,
     assert train_main(["--config", str(TINY), *args]) == 2
     [line] = capsys.readouterr().err.strip().splitlines()
     assert line.startswith("error: data.buckets: no bucket of at most 16x16 pixels") and "lower bucket_min_side" in line
+
+
+# ----------------------------------------------------------------------------- the latent and text cache on shards
+
+
+def rewrite_caption(src: Path, dst: Path, k: int, caption: bytes) -> None:
+    """src's samples copied to dst with sample k's caption replaced (the image bytes unchanged)."""
+    with tarfile.open(src) as tar, open(dst, "wb") as f:
+        groups: dict[str, dict] = {}
+        for member in tar:
+            key, _, ext = member.name.partition(".")
+            groups.setdefault(key, {"__key__": key})[ext] = tar.extractfile(member).read()
+        sink = wds.TarWriter(f, encoder=False)
+        for i, sample in enumerate(groups.values()):
+            sink.write({**sample, "txt": caption} if i == k else sample)
+        sink.close()
+
+
+def test_shard_cache_gives_the_encoders_rows_in_stream_order_and_rebuilds_only_a_changed_shard(shards, tmp_path, tiny_config, monkeypatch):
+    import dataclasses
+    import shutil
+    from types import SimpleNamespace
+
+    import diffusion.train.cache as cache
+    from diffusion.pipeline import Pipeline
+    from diffusion.train.shard_cache import build_shard_cache
+
+    folder = tmp_path / "shards"
+    shutil.copytree(shards, folder)
+    cfg = dataclasses.replace(tiny_config, data=dataclasses.replace(CFG, flip=True),
+                              text_encoder=dataclasses.replace(tiny_config.text_encoder, trainable=False))
+    torch.manual_seed(0)
+    pipe = Pipeline(cfg.pipeline_config())
+    acc = SimpleNamespace(device=torch.device("cpu"), num_processes=1, process_index=0, is_main_process=True)
+    writes, write = [], cache.ChunkedArray.write
+    monkeypatch.setattr(cache.ChunkedArray, "write", lambda self, c, blocks: (writes.append(self.folder.parent.name), write(self, c, blocks))[1])
+
+    def build():
+        writes.clear()
+        return build_shard_cache(pipe, list_shards(str(folder)), cfg, tmp_path / "cache", acc, latents=True, text=True)
+
+    rows = build()
+    assert sorted(writes) == sorted(2 * [f"{s:05d}" for s in range(6)])  # latents and text of every shard
+    index = list_shards(str(folder))
+    plain, cached = stream(index, epoch=1), stream(index, epoch=1, cfg=cfg.data, read=rows)
+    assert ids(cached) == ids(plain) and [b["captions"] for b in cached] == [b["captions"] for b in plain]
+    with torch.no_grad():
+        for p, c in zip(plain[:2], cached[:2]):
+            assert c["moments"].shape == (4, 2, 2, 4, 8, 8) and "pixels" not in c
+            assert torch.allclose(c["moments"][:, 0, 0], pipe.vae.encode(p["pixels"]).mean, atol=1e-5)
+            assert torch.allclose(c["moments"][:, 0, 1], pipe.vae.encode(p["pixels"].flip(-1)).mean, atol=1e-5)
+            expected = pipe.text_encoder.encode([caps[0] for caps in p["captions"]]).float()
+            assert torch.allclose(torch.stack([h[0] for h in c["hidden"]]), expected, atol=1e-5)
+    build()
+    assert writes == []  # the same shards and encoders: reused
+    rewrite_caption(shards / "00003.tar", folder / "00003.tar", 2, b"a new caption")
+    build()
+    assert writes == ["00003", "00003"]  # only the changed shard, latents and text
+    assert len(list((tmp_path / "cache").glob("shard-latents-*"))) == 1
+
+
+def test_shard_cache_skips_and_counts_the_rows_that_failed(shards, tmp_path, tiny_config):
+    import dataclasses
+    from types import SimpleNamespace
+
+    from diffusion.pipeline import Pipeline
+    from diffusion.train.shard_cache import build_shard_cache
+
+    folder = tmp_path / "corrupt"
+    write_corrupt_shards(folder, shards)
+    cfg = dataclasses.replace(tiny_config, data=CFG)
+    torch.manual_seed(0)
+    acc = SimpleNamespace(device=torch.device("cpu"), num_processes=1, process_index=0, is_main_process=True)
+    index = list_shards(str(folder))
+    rows = build_shard_cache(Pipeline(cfg.pipeline_config()), index, cfg, tmp_path / "cache", acc, latents=True, text=False)
+    plain, cached = stream(index, batch=2), stream(index, batch=2, read=rows)
+    assert ids(cached) == ids(plain) and sum(b["skipped"] for b in cached) == sum(b["skipped"] for b in plain) >= 2

@@ -12,13 +12,14 @@ over the tar headers.
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import random
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 
@@ -207,17 +208,34 @@ def _samples(shards: list[Path], warned: set[str]) -> Iterator[dict]:
             yield sample
 
 
-def decode(sample: dict, cfg: DataConfig) -> Optional[dict]:
-    """(pixels, captions, id) of a raw sample, or None when its image does not load or it has no caption."""
+def decode(sample: dict, cfg: DataConfig, generator: Optional[torch.Generator] = None) -> Optional[dict]:
+    """(pixels, captions, id) of a raw sample, or None when its image does not load, is smaller than data.min_size
+    or it has no caption. data.crop: random draws from `generator` (the slot's own, so that resume repeats it)."""
     image = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
     try:
-        captions = _clean(sample.get("txt", b"").decode("utf-8").splitlines())
+        captions = sample_captions(sample)
         if image is None or (not captions and cfg.missing_caption != "empty"):
+            return None
+        if min(_image_size(image)) < cfg.min_size:  # the folder index's rule, from the header before any decoding
             return None
         img = load_image(io.BytesIO(image), min_side=cfg.resolution)
     except Exception:  # noqa: BLE001 - a corrupt member is skipped and counted, never fatal
         return None
-    return {"pixels": image_transform(img, cfg.resolution, "center"), "captions": captions or [""], "id": sample["__id__"]}
+    crop = cfg.crop if generator is not None else "center"
+    pixels = image_transform(img, cfg.resolution, crop, generator=generator)
+    return {"pixels": pixels, "captions": captions or [""], "id": sample["__id__"]}
+
+
+def sample_captions(sample: dict) -> list[str]:
+    """A raw sample's captions (KEY.txt, one per line), cleaned as the folder index cleans them."""
+    return _clean(sample.get("txt", b"").decode("utf-8").splitlines())
+
+
+def _image_size(data: bytes) -> tuple[int, int]:
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as img:
+        return img.size
 
 
 @dataclass
@@ -274,10 +292,16 @@ class ShardStream(torch.utils.data.IterableDataset):
     A slot yields exactly plan.per_slot batches (re-reading its shards if corrupt members left it short), less
     those a resumed run has read: with W workers batch b of the epoch comes from slot b % W. Each batch carries
     "skipped", the corrupt members its worker passed over since its previous batch.
+
+    `read(sample, generator)` turns a raw sample into an item or None (skipped): by default `decode`, whose
+    data.crop: random draws from a generator seeded like the shuffle buffer; with the latent cache,
+    train.shard_cache.ShardRows reads the sample's cached rows instead of decoding it.
     """
 
-    def __init__(self, plan: EpochPlan, cfg: DataConfig, batch_size: int, seed: int, exclude: frozenset = frozenset()):
+    def __init__(self, plan: EpochPlan, cfg: DataConfig, batch_size: int, seed: int, exclude: frozenset = frozenset(),
+                 read: Optional[Callable[..., Optional[dict]]] = None):
         self.plan, self.cfg, self.batch_size, self.seed, self.exclude = plan, cfg, batch_size, seed, exclude
+        self.read = read
 
     def __iter__(self) -> Iterator[dict]:
         import webdataset as wds
@@ -292,12 +316,15 @@ class ShardStream(torch.utils.data.IterableDataset):
         skip = len(range(w, plan.start, len(plan.slots)))
         skipped, batch, made, rounds = 0, [], 0, 0
         while made < plan.per_slot:
-            rng = random.Random(epoch_seed(self.seed, plan.epoch) * 1009 + w * 101 + rounds)
+            slot_seed = epoch_seed(self.seed, plan.epoch) * 1009 + w * 101 + rounds
+            rng = random.Random(slot_seed)
+            crops = torch.Generator().manual_seed(slot_seed)  # data.crop: random, drawn again alike on resume
+            read = self.read or functools.partial(decode, cfg=self.cfg)
             raw = (s for s in _samples(shards, _WARNED) if s["__id__"] not in self.exclude)
             usable = 0
             buffer = self.cfg.shuffle_buffer
             for sample in wds.shuffle(bufsize=buffer, initial=buffer, rng=rng)(raw):
-                item = decode(sample, self.cfg)
+                item = read(sample, generator=crops)
                 if item is None:
                     skipped += 1
                     continue
@@ -316,19 +343,20 @@ class ShardStream(torch.utils.data.IterableDataset):
 
 
 def _collate(items: list[dict], skipped: int) -> dict:
-    return {
-        "pixels": torch.stack([it["pixels"] for it in items]),
-        "captions": [it["captions"] for it in items],
-        "index": torch.tensor([it["id"] for it in items]),
-        "skipped": skipped,
-    }
+    batch = {"captions": [it["captions"] for it in items], "index": torch.tensor([it["id"] for it in items]), "skipped": skipped}
+    for name in ("pixels", "moments"):  # decoded pixels, or cached posterior moments
+        if name in items[0]:
+            batch[name] = torch.stack([it[name] for it in items])
+    if "hidden" in items[0]:  # cached hidden states, one per caption of each sample: a list, as the counts differ
+        batch["hidden"] = [it["hidden"] for it in items]
+    return batch
 
 
-def shard_loader(order: ShardOrder, cfg: DataConfig, batch_size: int, seed: int, exclude: frozenset = frozenset()):
-    """load(epoch, plan) for train.order.batch_stream: a DataLoader over the rank's ShardStream."""
+def shard_loader(order: ShardOrder, cfg: DataConfig, batch_size: int, seed: int, exclude: frozenset = frozenset(), read=None):
+    """load(epoch, plan) for train.order.batch_stream: a DataLoader over the rank's ShardStream (see it for `read`)."""
 
     def load(epoch: int, plan: EpochPlan):
-        stream = ShardStream(plan, cfg, batch_size, seed, exclude)
+        stream = ShardStream(plan, cfg, batch_size, seed, exclude, read)
         return torch.utils.data.DataLoader(stream, batch_size=None, num_workers=cfg.num_workers)
 
     return load

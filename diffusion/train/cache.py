@@ -108,6 +108,20 @@ def _counted(blocks: Iterator, bar: tqdm) -> Iterator:
         yield block, bad
 
 
+@torch.no_grad()
+def encode_views(vae, pixels: list, row_shape: tuple[int, ...], device) -> tuple[np.ndarray, list[int]]:
+    """Rows (B, 2, views, C, h, w) of the posterior mean and std of each image and its mirror (views = row_shape[1]),
+    NaN where an image is None; returns (rows, the None positions)."""
+    out = torch.full((len(pixels), *row_shape), float("nan"))
+    ok = [k for k, p in enumerate(pixels) if p is not None]
+    if ok:
+        x = torch.stack([pixels[k] for k in ok]).to(device)
+        for v, view in enumerate([x, x.flip(-1)][: row_shape[1]]):
+            posterior = vae.encode(view)
+            out[ok, 0, v], out[ok, 1, v] = posterior.mean.cpu(), posterior.std.cpu()
+    return out.numpy(), [k for k in range(len(pixels)) if k not in ok]
+
+
 def drop_stale(cache_dir: Path, prefix: str, keep: Path) -> None:
     """Remove this cache's older versions (and the single-file caches of earlier releases)."""
     for old in [*cache_dir.glob(f"{prefix}-*"), cache_dir / f"{prefix}.safetensors"]:
@@ -139,15 +153,22 @@ class LatentSource:
     weights and dtype and the latent scale; the text key the captions, the layer and the encoder's weights.
     """
 
-    def __init__(self, pipe, dataset, cfg, cache_dir: Path, accelerator, text_trains: bool | None = None):
+    def __init__(self, pipe, dataset, cfg, cache_dir: Path, accelerator, text_trains: bool | None = None, shards=None):
         self.pipe, self.dataset, self.cfg, self.acc = pipe, dataset, cfg, accelerator
         # Token ids for a text encoder that trains (itself, or adapters on it); else cached hidden states.
         self.text_trains = cfg.text_encoder.trainable if text_trains is None else text_trains
         self.device = accelerator.device
         self.augment = Augmentation(dataset, cfg.data)
-        # Streamed shards (dataset None) bring pixels and captions in each batch: encoded per batch, never cached.
-        self.cached = dataset is not None and cfg.training.cache_latents and cfg.data.crop == "center"
-        self.indices = list(range(len(dataset))) if dataset is not None else []
+        self.cached = cfg.training.cache_latents and cfg.data.crop == "center"
+        if shards is not None:  # streamed (dataset None): the stream's workers read the rows (shard_cache.ShardRows)
+            from .shard_cache import build_shard_cache
+
+            self.shard_rows = build_shard_cache(pipe, shards, cfg, cache_dir, accelerator, self.cached, not self.text_trains)
+            if not self.text_trains:
+                with torch.no_grad():
+                    self.empty = pipe.text_encoder.encode([""]).float()[0].cpu()  # a dropped caption: (L, D)
+            return
+        self.indices = list(range(len(dataset)))
         if self.cached:
             self.indices = self._latent_cache(cache_dir)
         if dataset is not None and not self.text_trains:
@@ -164,18 +185,24 @@ class LatentSource:
     def latents(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
         """z0 = z·scale_factor with z ~ q(z|x) of the (possibly mirrored) images: (B, C, h, w)."""
         flips = self.augment.flips(len(batch["index"]), generator).to(self.device)
-        if not self.cached:
+        if "pixels" in batch:  # not cached
             x = mirror(batch["pixels"].to(self.device), flips)
             return self.pipe.encode(x, generator=generator, sample=True)
-        mean, std = self.moments(batch["index"].tolist(), flips.cpu())
+        if "moments" in batch:  # streamed shards: the rows came with the batch
+            mean, std = self.views(batch["moments"], flips.cpu())
+        else:
+            mean, std = self.moments(batch["index"].tolist(), flips.cpu())
         noise = torch.randn(mean.shape, generator=generator, device=self.device, dtype=mean.dtype)
         return (mean + std * noise) * self.pipe.cfg.vae.scale_factor
 
     def moments(self, indices: list[int], flips: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The cached posterior (mean, std) of the chosen view of each image (one bucket), on the device: (B, C, h, w) each."""
         bucket = self.latent_arrays[self.dataset.bucket_of[indices[0]]]
-        rows = bucket.read(int(self.slot[i]) for i in indices)  # (B, 2, views, C, h, w)
-        picked = rows[torch.arange(len(indices)), :, flips.long()]  # (B, 2, C, h, w)
+        return self.views(bucket.read(int(self.slot[i]) for i in indices), flips)
+
+    def views(self, rows: torch.Tensor, flips: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, std) of the chosen view of each row (B, 2, views, C, h, w), on the device: (B, C, h, w) each."""
+        picked = rows[torch.arange(len(rows)), :, flips.long()]  # (B, 2, C, h, w)
         return picked[:, 0].to(self.device), picked[:, 1].to(self.device)
 
     def conditioning(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
@@ -186,9 +213,9 @@ class LatentSource:
             captions = self.augment.captions(batch["index"].tolist(), generator)
         if self.text_trains:
             return self.pipe.text_encoder.tokenize(captions).to(self.device)
-        if self.dataset is None:
-            with torch.no_grad():
-                return self.pipe.text_encoder.encode(captions).float()
+        if "hidden" in batch:  # streamed shards: each sample's captions' rows came with the batch
+            rows = [h[caps.index(c)] if c else self.empty for h, caps, c in zip(batch["hidden"], batch["captions"], captions)]
+            return torch.stack(rows).to(self.device)
         return self.text.read(self.row[c] for c in captions).to(self.device)
 
     def _latent_cache(self, cache_dir: Path) -> list[int]:
@@ -213,14 +240,7 @@ class LatentSource:
             indices = [[int(arrays[id(array)][r]) for r in rows] for rows in batches]
             loader = torch.utils.data.DataLoader(_CachePixels(ds), batch_sampler=indices, num_workers=d.num_workers, collate_fn=list)
             for pixels in loader:
-                out = torch.full((len(pixels), *array.row_shape), float("nan"))
-                ok = [k for k, p in enumerate(pixels) if p is not None]
-                if ok:
-                    x = torch.stack([pixels[k] for k in ok]).to(self.device)
-                    for v, view in enumerate([x, x.flip(-1)][:views]):
-                        posterior = vae.encode(view)
-                        out[ok, 0, v], out[ok, 1, v] = posterior.mean.cpu(), posterior.std.cpu()
-                yield out.numpy(), [k for k in range(len(pixels)) if k not in ok]
+                yield encode_views(vae, pixels, array.row_shape, self.device)
 
         if self.acc.is_main_process:
             drop_stale(cache_dir, "latents", keep=root)

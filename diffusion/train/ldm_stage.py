@@ -165,10 +165,10 @@ class LDMStage(Stage):
 
         self.generator = make_generator(acc, cfg.seed, stream=2)
         self.skipped = 0  # corrupt shard members passed over since the last metrics line (this rank)
-        if isinstance(run.index, ShardIndex):  # streamed: latents encoded per batch
-            self.source = LatentSource(pipe, None, cfg, run.out / "cache", acc, self.text_trains)
+        if isinstance(run.index, ShardIndex):  # streamed: the workers read the cached rows, or decode
             self.order = ShardOrder(run.index, tc.batch_size, cfg.seed, acc.process_index, acc.num_processes, cfg.data.num_workers)
-            self.load = shard_loader(self.order, cfg.data, tc.batch_size, cfg.seed)
+            self.source = LatentSource(pipe, None, cfg, run.out / "cache", acc, self.text_trains, shards=run.index)
+            self.load = shard_loader(self.order, cfg.data, tc.batch_size, cfg.seed, read=self.source.shard_rows)
             return
         buckets = config_buckets(cfg.data, pipe.vae_factor) if cfg.data.buckets else None
         dataset = ImageCaptionDataset(run.index, cfg.data, train=True, buckets=buckets)

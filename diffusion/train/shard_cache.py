@@ -1,0 +1,200 @@
+"""The latent and text caches for shards: a folder's chunked memory-mapped arrays (cache.py), one set per shard,
+a row per sample in the tar's order, read by the streaming workers in place of decoding.
+
+    cache/shard-latents-<key>/<shard>/latents/000000.npy  posterior mean and std of the shard's samples, tar order
+                                      shard.json          written last: the shard's key and row count
+    cache/shard-text-<key>/<shard>/text/000000.npy        hidden states of each caption of each sample, in order
+                                   offsets.npy            sample k's captions are rows offsets[k] .. offsets[k+1]
+                                   shard.json
+
+Shard i is built by rank i % processes. That rank reads the tar once to hash every sample's key and member bytes,
+which with the encoders' settings (cache.py's key parts) makes the shard's key, then encodes only the chunks
+missing under that key, a chunk at a time, so a killed build resumes. Nothing is gathered. Training then streams
+the shards exactly as without a cache (the same ShardStream order, batch counts and resume) and each sample's
+rows are read from the maps; a process keeps the maps of its last SHARD_MAPS shards open, so memory stays flat.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..config import Config, DataConfig
+from ..data.shards import IMAGE_KEYS, SAMPLE_BITS, ShardIndex, _samples, _WARNED, decode, sample_captions
+from ..io.atomic import atomic_file
+from ..io.weights import state_hash
+from .cache import ENCODE_BATCH, ChunkedArray, _key, drop_stale, encode_views
+from .distributed import barrier
+
+SHARD_MAPS = 64  # shards whose memory maps each process keeps open
+ROW_MASK = (1 << SAMPLE_BITS) - 1  # a sample id's place in its shard: its row
+
+
+@dataclass(frozen=True)
+class ShardRows:
+    """Reads a streamed sample's cached rows: picklable, for the DataLoader workers (ShardStream's `read`).
+
+    latents / text: the cache's root folder and row shape, or None when that part is not cached.
+    """
+
+    cfg: Config
+    names: dict[str, str]  # shard path -> its folder name in the cache
+    latents: Optional[tuple[Path, tuple[int, ...]]]
+    text: Optional[tuple[Path, tuple[int, ...]]]
+
+    def __call__(self, sample: dict, generator: Optional[torch.Generator] = None) -> Optional[dict]:
+        """The sample's item as `decode` gives it, with "moments" (2, views, C, h, w) in place of its pixels when the
+        latents are cached and "hidden" (captions, L, D) when the text is; None when it is skipped."""
+        k, name = sample["__id__"] & ROW_MASK, self.names[sample["__url__"]]
+        if self.latents is None:
+            item = decode(sample, self.cfg.data, generator)
+        else:
+            item = _usable(sample, self.cfg.data.missing_caption)
+            array, failed = _mapped(self.latents[0] / name, "latents", self.latents[1])
+            if item is None or k in failed:  # the image did not decode, or is below data.min_size
+                return None
+            item["moments"] = array.read([k])[0]
+        if item is not None and self.text is not None:
+            array, offsets = _mapped(self.text[0] / name, "text", self.text[1])
+            item["hidden"] = array.read(range(offsets[k], offsets[k + 1]))
+        return item
+
+
+def _usable(sample: dict, missing_caption: str) -> Optional[dict]:
+    """decode's item without the pixels: captions and id, or None without an image or a caption."""
+    captions = _captions(sample)
+    if not any(k in sample for k in IMAGE_KEYS) or (not captions and missing_caption != "empty"):
+        return None
+    return {"captions": captions or [""], "id": sample["__id__"]}
+
+
+def _captions(sample: dict) -> list[str]:
+    try:
+        return sample_captions(sample)
+    except UnicodeDecodeError:
+        return []
+
+
+@functools.lru_cache(maxsize=SHARD_MAPS)
+def _mapped(folder: Path, part: str, row_shape: tuple[int, ...]) -> tuple[ChunkedArray, object]:
+    """A shard's array, mapped, with its failed rows (latents) or its caption offsets (text)."""
+    meta = json.loads((folder / "shard.json").read_text())
+    array = ChunkedArray(folder / part, meta["rows"], row_shape, meta["key"])
+    failed = frozenset(array.open())
+    return array, np.load(folder / "offsets.npy", mmap_mode="r") if part == "text" else failed
+
+
+def build_shard_cache(pipe, index: ShardIndex, cfg: Config, cache_dir: Path, accelerator, latents: bool, text: bool) -> Optional[ShardRows]:
+    """Build this rank's shards' missing caches (a collective); the reader of every shard's rows, or None when
+    nothing is cached. The latent key covers the resolution, flips, data.min_size and missing_caption (which rows
+    fail), the VAE's weights and dtype and the latent scale; the text key the layer and the encoder's weights."""
+    if not (latents or text):
+        return None
+    names = _names(index.shards)
+    parts = {}
+    if latents:
+        views, f, C, r = 2 if cfg.data.flip else 1, pipe.vae_factor, pipe.cfg.vae.latent_channels, cfg.data.resolution
+        key = _key(["shards", r, views, cfg.data.min_size, cfg.data.missing_caption, state_hash(pipe.vae),
+                    str(next(pipe.vae.parameters()).dtype), pipe.cfg.vae.scale_factor])
+        parts["latents"] = (cache_dir / f"shard-latents-{key[:16]}", (2, views, C, r // f, r // f), key)
+    if text:
+        te = pipe.text_encoder
+        key = _key(["shards", te.cfg.layer, state_hash(te)])
+        parts["text"] = (cache_dir / f"shard-text-{key[:16]}", tuple(te.encode([""]).shape[1:]), key)
+    if accelerator.is_main_process:
+        for part, (root, _, _) in parts.items():
+            drop_stale(cache_dir, f"shard-{part}", keep=root)
+    mine = list(range(accelerator.process_index, len(index.shards), accelerator.num_processes))
+    bar = tqdm(mine, desc="cache shards", unit="shard", disable=not accelerator.is_main_process, leave=False)
+    for s in bar:
+        _build(pipe, index.shards[s], names[str(index.shards[s])], parts, cfg, accelerator.device)
+    barrier(accelerator)  # every shard is written before any rank reads it
+    return ShardRows(cfg, names, *[(parts[p][0], parts[p][1]) if p in parts else None for p in ("latents", "text")])
+
+
+def _names(shards: list[Path]) -> dict[str, str]:
+    """Each shard's folder in the cache: its stem, or position-stem when stems repeat (a pattern over folders)."""
+    stems = [p.stem for p in shards]
+    unique = len(set(stems)) == len(stems)
+    return {str(p): p.stem if unique else f"{i:05d}-{p.stem}" for i, p in enumerate(shards)}
+
+
+def _build(pipe, shard: Path, name: str, parts: dict, cfg: Config, device) -> None:
+    """Scan one shard and write what is missing of its caches."""
+    digest, counts = _scan(shard)
+    for part, (root, row_shape, settings) in parts.items():
+        folder, key = root / name, _key([settings, digest])
+        if _meta(folder).get("key") == key:
+            continue
+        if part == "latents":
+            array = ChunkedArray(folder / part, len(counts), row_shape, key)
+            encode = functools.partial(_encode_latents, pipe.vae, shard, cfg.data, row_shape, device)
+        else:
+            offsets = np.cumsum([0, *counts])
+            folder.mkdir(parents=True, exist_ok=True)
+            with atomic_file(folder / "offsets.npy") as tmp, open(tmp, "wb") as f:
+                np.save(f, offsets)
+            array = ChunkedArray(folder / part, int(offsets[-1]), row_shape, key)
+            encode = functools.partial(_encode_text, pipe.text_encoder, shard)
+        for c in array.missing():
+            array.write(c, encode(array.chunk_rows(c)))
+        with atomic_file(folder / "shard.json") as tmp:  # last: the shard is complete
+            tmp.write_text(json.dumps({"key": key, "rows": array.rows, "shard": str(shard)}))
+
+
+def _scan(shard: Path) -> tuple[str, list[int]]:
+    """The hash of every sample's key and member bytes (a re-packed tar of the same samples keeps it), and each
+    sample's number of text rows: its captions, or one for ""."""
+    h, counts = hashlib.sha256(), []
+    for sample in _samples([shard], _WARNED):
+        for member in sorted(m for m in sample if not m.startswith("__")):
+            h.update(f"{sample['__key__']}.{member}\0".encode() + hashlib.sha256(sample[member]).digest())
+        counts.append(len(_captions(sample)) or 1)
+    return h.hexdigest(), counts
+
+
+@torch.no_grad()
+def _encode_latents(vae, shard: Path, data: DataConfig, row_shape: tuple[int, ...], device, rows: range) -> Iterator:
+    """(rows, failed) blocks of the posterior moments of the shard's samples in `rows` (center crops); failed rows are NaN."""
+    pixels = []
+    for sample in _samples([shard], _WARNED):
+        k = sample["__id__"] & ROW_MASK
+        if k in rows:
+            item = decode(sample, data)
+            pixels.append(None if item is None else item["pixels"])
+        if len(pixels) == ENCODE_BATCH or (pixels and k + 1 == rows.stop):
+            yield encode_views(vae, pixels, row_shape, device)
+            pixels = []
+        if k + 1 >= rows.stop:
+            return
+
+
+@torch.no_grad()
+def _encode_text(text_encoder, shard: Path, rows: range) -> Iterator:
+    """(hidden states, []) blocks of the shard's captions in `rows`, in the order of offsets.npy."""
+    captions, r = [], 0
+    for sample in _samples([shard], _WARNED):
+        for caption in _captions(sample) or [""]:
+            if r in rows:
+                captions.append(caption)
+            r += 1
+            if len(captions) == ENCODE_BATCH or (captions and r == rows.stop):
+                yield text_encoder.encode(captions).float().cpu().numpy(), []
+                captions = []
+        if r >= rows.stop:
+            return
+
+
+def _meta(folder: Path) -> dict:
+    try:
+        return json.loads((folder / "shard.json").read_text())
+    except (OSError, ValueError):
+        return {}
