@@ -290,3 +290,54 @@ def test_shard_cache_skips_and_counts_the_rows_that_failed(shards, tmp_path, tin
     rows = build_shard_cache(Pipeline(cfg.pipeline_config()), index, cfg, tmp_path / "cache", acc, latents=True, text=False)
     plain, cached = stream(index, batch=2), stream(index, batch=2, read=rows)
     assert ids(cached) == ids(plain) and sum(b["skipped"] for b in cached) == sum(b["skipped"] for b in plain) >= 2
+
+
+def test_random_crops_on_shards_repeat_on_a_restart_and_small_images_are_skipped(shards, tmp_path):
+    import dataclasses
+
+    from PIL import Image
+
+    folder = tmp_path / "wide"
+    folder.mkdir()
+    with open(folder / "00000.tar", "wb") as f:  # 8 landscape images (24x16): a square crop has room to move
+        sink = wds.TarWriter(f, encoder=False)
+        for k in range(8):
+            buf = io.BytesIO()
+            Image.fromarray(torch.randint(256, (16, 24, 3), dtype=torch.uint8).numpy()).save(buf, format="PNG")
+            sink.write({"__key__": f"{k:05d}", "png": buf.getvalue(), "txt": b"noise"})
+        sink.close()
+    index = list_shards(str(folder))
+    random_crop = dataclasses.replace(CFG, crop="random")
+    first, again, centered = stream(index, cfg=random_crop), stream(index, cfg=random_crop), stream(index)
+    assert all(torch.equal(a["pixels"], b["pixels"]) for a, b in zip(first, again))  # seeded per slot and epoch
+    assert ids(first) == ids(centered) and not all(torch.equal(a["pixels"], b["pixels"]) for a, b in zip(first, centered))
+    assert all(torch.equal(a["pixels"], b["pixels"]) for a, b in zip(stream(index, start=1, cfg=random_crop), first[1:]))
+    assert not torch.equal(stream(index, epoch=1, cfg=random_crop)[0]["pixels"], first[0]["pixels"])
+    with pytest.raises(DataError, match="can be read"):  # the shapes are 16x16: below data.min_size 17, all skipped
+        stream(list_shards(str(shards)), cfg=dataclasses.replace(CFG, min_size=17))
+
+
+@pytest.mark.slow
+def test_resume_on_cached_shards_reaches_the_same_weights_and_each_epoch_reads_another_order(shards, tmp_path, tiny_model_dir, monkeypatch):
+    from test_train import assert_same_weights, train_main
+
+    def run(out: Path, *extra: str, stop: str = "") -> list[list[int]]:
+        """train.py --stage ldm on the shards (cached latents and text, flips), in this process: each step's indices."""
+        debug = tmp_path / f"debug-{len(list(tmp_path.glob('debug-*')))}"
+        monkeypatch.setenv("DIFFUSION_DEBUG_DIR", str(debug))
+        monkeypatch.setenv("DIFFUSION_STOP_AT", stop)
+        args = ["--config", str(ROOT / "configs" / "tiny.yaml"), "--stage", "ldm", f"data.path={shards}", f"output_dir={out}",
+                f"vae_training.pretrained={tiny_model_dir}", "data.flip=true", "text_encoder.trainable=false",
+                "training.max_steps=8", "training.checkpoint_every=4", "sampling.steps=2", *extra]
+        assert train_main(args) == 0
+        records = [json.loads(line) for line in (debug / "rank0.jsonl").read_text().splitlines()]
+        return [rec["indices"] for rec in records if "indices" in rec]
+
+    whole = run(tmp_path / "whole")  # 48 samples: 6 batches of 8 an epoch, so epoch 1 starts at step 7
+    assert len(whole) == 8 and len({i for step in whole[:6] for i in step}) == 48
+    first = run(tmp_path / "resumed", stop="ldm:3")  # stopped mid-epoch, at batch 3 of 6
+    rest = run(tmp_path / "resumed", "--resume")
+    assert first + rest == whole  # the restart reads the rest of the epoch as the uninterrupted run did
+    assert_same_weights(tmp_path / "whole" / "model" / "unet.safetensors", tmp_path / "resumed" / "model" / "unet.safetensors")
+    assert whole[:2] != whole[6:8]  # the first 16 samples of each epoch
+    assert list((tmp_path / "whole" / "cache").glob("shard-latents-*/00000/latents/000000.npy"))
