@@ -12,7 +12,7 @@ Workloads, each run A B A B ... after warm-up and timed as the median of --repea
     (c) generate  4 images, 50 DDIM steps, classifier-free guidance, text encoding and VAE decode:
                   our Pipeline.generate() against the standard diffusers loop built from
                   UNet2DConditionModel, DDIMScheduler and AutoencoderKL of the same sizes, with
-                  the same open_clip text tower on both sides.
+                  the same CLIP text tower on both sides.
 The last line is `train_ratio=X sample_ratio=Y sample_bf16_ratio=Z generate_ratio=W`, each the
 diffusers time divided by ours: above 1 means we are faster.
 

@@ -1,6 +1,6 @@
 """The two sides of the benchmark, built from one PipelineConfig: our Pipeline, and the standard
 diffusers parts (UNet2DConditionModel, AutoencoderKL, DDIMScheduler) of the same sizes, with the
-same open_clip text tower, run the way StableDiffusionPipeline runs them."""
+same CLIP text tower, run the way StableDiffusionPipeline runs them."""
 
 from __future__ import annotations
 
@@ -67,13 +67,13 @@ def build_diffusers_unet(cfg: PipelineConfig) -> UNet2DConditionModel:
 
 @dataclass
 class DiffusersSide:
-    """What StableDiffusionPipeline holds, with our open_clip text tower in place of transformers' CLIP."""
+    """What StableDiffusionPipeline holds, with our CLIP text tower in place of transformers'."""
 
     unet: UNet2DConditionModel
     vae: HFAutoencoderKL
     scheduler: DDIMScheduler
     tokenizer: Callable  # open_clip's SimpleTokenizer: prompts -> (B, L) ids
-    text_tower: torch.nn.Module  # open_clip TextTransformer: the very weights our TextEncoder runs
+    text_tower: torch.nn.Module  # CLIP's TextTransformer in open_clip's layout: the very weights our TextEncoder runs
     image_processor: VaeImageProcessor
 
 

@@ -178,9 +178,7 @@ def single_file_state(pipe: Pipeline) -> dict[str, torch.Tensor]:
 def _clip_vocabulary(tokenizer) -> bool:
     """Whether a tokenizer's ids and merges are CLIP's (open_clip's bundled vocabulary), whatever it names its
     start and end tokens: a single file carries no tokenizer, so it can only mean that one."""
-    from open_clip.tokenizer import SimpleTokenizer
-
-    from ..models.tokenizer import FolderTokenizer
+    from ..models.tokenizer import DEFAULT_CONTEXT_LENGTH, FolderTokenizer, bundled_tokenizer
 
     if not isinstance(tokenizer, FolderTokenizer):
         return True
@@ -189,7 +187,7 @@ def _clip_vocabulary(tokenizer) -> bool:
         special = (tok.sot_token_id, tok.eot_token_id)
         return special, {t: i for t, i in tok.encoder.items() if i not in special}, tok.bpe_ranks
 
-    return tables(tokenizer) == tables(SimpleTokenizer())
+    return tables(tokenizer) == tables(bundled_tokenizer(DEFAULT_CONTEXT_LENGTH))
 
 
 def single_file_config(pipe: Pipeline) -> PipelineConfig:

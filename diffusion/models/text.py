@@ -1,4 +1,4 @@
-"""CLIP text encoder: open_clip's text transformer and BPE tokenizer.
+"""CLIP text encoder: CLIP's text transformer and open_clip's BPE tokenizer.
 
 The tower is either an open_clip architecture (`arch: ViT-L-14`, with its text config) or a small
 custom tower trained from scratch. Captions become per-token hidden states (B, L, width) from the
@@ -9,6 +9,9 @@ Token ids come from open_clip's bundled BPE vocabulary, or from a Hugging Face t
 (`tokenizer`), whose ids match transformers' CLIPTokenizer. Positions after the end token hold
 `pad_id`: SD v1 pads with <|endoftext|>, SD v2 and open_clip with "!" (id 0), and the pad changes
 the image. diffusion.io.sd_text maps Stable Diffusion's text encoder weights to and from ours.
+
+Nothing here imports the open_clip package (it takes seconds, openclip_files.py says why): the tower
+is clip_text.py's, in open_clip's layout, and the tokenizer and the architectures are open_clip's files.
 """
 
 from __future__ import annotations
@@ -22,25 +25,17 @@ from torch import nn
 
 from ..config import TextEncoderConfig
 from ..io.weights import load_weights_file, load_state_dict_checked
-
-
-def _import_open_clip():
-    # open_clip pulls in timm and friends; import it only when a text encoder is actually built.
-    import open_clip
-    from open_clip.model import _build_text_tower
-    from open_clip.tokenizer import SimpleTokenizer
-
-    return open_clip, _build_text_tower, SimpleTokenizer
+from . import openclip_files
+from .clip_text import build_text_tower
+from .tokenizer import FolderTokenizer, bundled_tokenizer
 
 
 @functools.lru_cache(maxsize=None)
 def _tokenizer(context_length: int, folder: str | None = None):
-    # Building the BPE tables takes a second or more; every encoder with this context and vocabulary shares one.
-    _, _, SimpleTokenizer = _import_open_clip()
+    # Building the BPE tables takes a tenth of a second or more; every encoder with this context and vocabulary shares one.
     if folder is None:
-        return SimpleTokenizer(context_length=context_length)
+        return bundled_tokenizer(context_length)
     from ..io.sd_text import read_tokenizer
-    from .tokenizer import FolderTokenizer
 
     return FolderTokenizer(read_tokenizer(folder), context_length)
 
@@ -57,13 +52,12 @@ def _tower_config(cfg: TextEncoderConfig) -> tuple[int, dict, bool]:
 
 def _arch_tower_config(cfg: TextEncoderConfig) -> tuple[int, dict, bool]:
     """(embed_dim, text_cfg, quick_gelu) of the named architecture, or of the custom tower."""
-    open_clip, _, _ = _import_open_clip()
     if cfg.arch is None:
         text_cfg = dict(
             context_length=cfg.context_length, vocab_size=cfg.vocab_size, width=cfg.width, heads=cfg.heads, layers=cfg.layers
         )
         return cfg.width, text_cfg, False
-    model_cfg = open_clip.get_model_config(cfg.arch)
+    model_cfg = openclip_files.model_config(cfg.arch)
     if model_cfg is None:
         raise ValueError(f"text_encoder.arch: unknown open_clip architecture '{cfg.arch}' (see open_clip.list_models())")
     text_cfg = dict(model_cfg["text_cfg"])
@@ -96,10 +90,9 @@ def _text_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 class TextEncoder(nn.Module):
     def __init__(self, cfg: TextEncoderConfig):
         super().__init__()
-        _, build_text_tower, _ = _import_open_clip()
         self.cfg = cfg
         embed_dim, text_cfg, quick_gelu = _tower_config(cfg)
-        self.tower = build_text_tower(embed_dim, text_cfg, quick_gelu)
+        self.tower = build_text_tower(embed_dim, text_cfg, quick_gelu, what=f"text_encoder.arch: '{cfg.arch}'")
         self.activation = "quick_gelu" if quick_gelu else "gelu"
         self.context_length = self.tower.context_length
         self.width = self.tower.width

@@ -1,4 +1,7 @@
-"""CLIP's byte-level BPE over a Hugging Face tokenizer folder's vocabulary and merges.
+"""CLIP's byte-level BPE: open_clip's over its bundled vocabulary, or over a Hugging Face tokenizer folder's.
+
+open_clip's SimpleTokenizer is loaded from its file without importing the open_clip package
+(openclip_files.py says why and how).
 
 Stable Diffusion folders ship their tokenizer as transformers' CLIPTokenizer reads it, and the ids
 that tokenizer gives are what the text encoder was run on. open_clip's SimpleTokenizer applies the
@@ -12,11 +15,16 @@ such as "fish &amp; chips" or "“quoted”".
 
 from __future__ import annotations
 
+import copy
 import unicodedata
 from typing import TYPE_CHECKING
 
 import regex
-from open_clip.tokenizer import SimpleTokenizer, bytes_to_unicode
+
+from .openclip_files import tokenizer_module
+
+SimpleTokenizer, bytes_to_unicode = tokenizer_module().SimpleTokenizer, tokenizer_module().bytes_to_unicode
+DEFAULT_CONTEXT_LENGTH = 77  # SimpleTokenizer()'s, CLIP's
 
 if TYPE_CHECKING:
     from ..io.sd_text import TokenizerFiles
@@ -24,6 +32,21 @@ if TYPE_CHECKING:
 # CLIP's split of cleaned text into words before BPE (the same in open_clip and transformers).
 WORDS = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 WHITESPACE = regex.compile(r"\s+")
+
+
+def bundled_tokenizer(context_length: int) -> SimpleTokenizer:
+    """open_clip's SimpleTokenizer(context_length=context_length): its bundled vocabulary, cleaning and BPE.
+
+    open_clip's tokenizer module builds one with the defaults when it loads (its `_tokenizer`), and the
+    BPE tables take as long again to build (0.1-0.2 s of a cold start), so this shares that one's tables;
+    only the context length differs, which only SimpleTokenizer.__call__ reads.
+    """
+    shared = getattr(tokenizer_module(), "_tokenizer", None)
+    if type(shared) is not SimpleTokenizer or shared.context_length != DEFAULT_CONTEXT_LENGTH:
+        return SimpleTokenizer(context_length=context_length)
+    tok = copy.copy(shared)
+    tok.context_length = context_length
+    return tok
 
 
 def clean_like_transformers(text: str) -> str:
