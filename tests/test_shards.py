@@ -236,8 +236,8 @@ def test_shard_cache_gives_the_encoders_rows_in_stream_order_and_rebuilds_only_a
     import shutil
     from types import SimpleNamespace
 
-    import diffusion.train.cache as cache
     from diffusion.pipeline import Pipeline
+    from diffusion.train import cache
     from diffusion.train.shard_cache import build_shard_cache
 
     folder = tmp_path / "shards"

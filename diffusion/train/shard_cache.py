@@ -28,7 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import Config, DataConfig
-from ..data.shards import IMAGE_KEYS, SAMPLE_BITS, ShardIndex, _samples, _WARNED, decode, sample_captions
+from ..data.shards import _WARNED, IMAGE_KEYS, SAMPLE_BITS, ShardIndex, _samples, decode, sample_captions
 from ..io.atomic import atomic_file
 from ..io.weights import state_hash
 from .cache import ENCODE_BATCH, ChunkedArray, _key, drop_stale, encode_views
