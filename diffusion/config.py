@@ -178,6 +178,8 @@ class VAETrainingConfig:
     # Probability of putting an image's RGB channels in another order: the VAE then also learns hues the
     # data lacks, which fine-tuning or a LoRA may bring later (the shapes model's cyan).
     color_shuffle: float = 0.0
+    # Probability of turning an image's hue by a random angle: every hue, not only the channel orders'.
+    hue_rotate: float = 0.0
 
 
 @dataclass

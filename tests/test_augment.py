@@ -111,3 +111,23 @@ def test_shuffle_channels_reorders_colors_and_draws_nothing_when_off():
     half = shuffle_channels(x, 0.5, torch.Generator().manual_seed(1))
     kept = sum(torch.equal(a, b) for a, b in zip(x, half))
     assert 16 < kept < 48  # about half the images keep their colors
+
+
+def test_rotate_hue_keeps_grey_turns_colors_and_draws_nothing_when_off():
+    from diffusion.train.augment import rotate_hue
+
+    palette = torch.tensor([[220, 40, 40], [40, 180, 60], [240, 240, 240], [0, 0, 0], [128, 128, 128]]) / 127.5 - 1
+    x = palette[:, :, None, None].expand(5, 3, 2, 2).repeat(40, 1, 1, 1)  # (200, 3, 2, 2)
+    g = torch.Generator().manual_seed(0)
+    state = g.get_state()
+    assert rotate_hue(x, 0.0, g) is x and torch.equal(g.get_state(), state)
+    y = rotate_hue(x, 1.0, g)
+    grey = torch.tensor([c in (2, 3, 4) for c in range(5)] * 40)
+    assert torch.allclose(y[grey], x[grey], atol=1e-5)  # black, white and grey have no hue to turn
+    red = y[0::5, :, 0, 0]  # the red images' colors after their random turns
+    hues = torch.atan2(3**0.5 * (red[:, 1] - red[:, 2]), 2 * red[:, 0] - red[:, 1] - red[:, 2])
+    assert hues.max() - hues.min() > 5  # spread around the circle (2*pi ~ 6.28), not a few fixed hues
+    assert ((red[:, 1] > red[:, 0] + 0.3) & (red[:, 2] > red[:, 0] + 0.3)).any()  # some red turned cyan-like
+    half = rotate_hue(x, 0.5, torch.Generator().manual_seed(1))
+    kept = sum(torch.equal(a, b) for a, b in zip(x[~grey], half[~grey]))
+    assert 30 < kept < 90  # about half of the 120 colored images keep their colors

@@ -59,3 +59,26 @@ def shuffle_channels(x: torch.Tensor, p: float, generator: torch.Generator) -> t
         len(_CHANNEL_ORDERS), (x.shape[0],), generator=generator, device=generator.device)
     orders = torch.where((u < p)[:, None], _CHANNEL_ORDERS.to(k.device)[k], torch.arange(3, device=k.device))
     return torch.gather(x, 1, orders.to(x.device)[:, :, None, None].expand_as(x))
+
+
+def rotate_hue(x: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
+    """x (B, 3, H, W) in [-1, 1] with each image's hue turned by a uniform random angle, with probability p.
+
+    Unlike `shuffle_channels`, which offers a few fixed hues, this covers the whole color circle, so the
+    VAE learns a map of color in general rather than of the hues it saw. The rotation turns RGB about
+    the grey axis with the luma weights of the W3C filter effects' hue-rotate (0.213, 0.715, 0.072), so
+    black and white stay as they are. Nothing is drawn at p = 0.
+    """
+    if p <= 0:
+        return x
+    u, angle = torch.rand(2, x.shape[0], generator=generator, device=generator.device)
+    theta = torch.where(u < p, angle * 2 * torch.pi, torch.zeros_like(angle)).to(x.device, x.dtype)
+    c, s = theta.cos()[:, None, None], theta.sin()[:, None, None]  # (B, 1, 1)
+    luma = torch.tensor([0.213, 0.715, 0.072], dtype=x.dtype, device=x.device)
+    grey = luma.expand(3, 3)  # each row: the luma weights
+    cos_part = torch.eye(3, dtype=x.dtype, device=x.device) - grey
+    sin_part = torch.tensor([[-0.213, -0.715, 0.928], [0.143, 0.140, -0.283], [-0.787, 0.715, 0.072]],
+                            dtype=x.dtype, device=x.device)
+    m = grey + c * cos_part + s * sin_part  # (B, 3, 3)
+    rgb = (x + 1) / 2
+    return (torch.einsum("bij,bjhw->bihw", m, rgb).clamp(0, 1) * 2 - 1).to(x.dtype)

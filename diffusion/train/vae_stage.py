@@ -24,7 +24,7 @@ from ..io.weights import load_state_dict_checked, save_weights
 from ..models.discriminator import PatchDiscriminator
 from ..models.vae import AutoencoderKL
 from ..pipeline import image_grid, to_pil
-from .augment import Augmentation, mirror, shuffle_channels
+from .augment import Augmentation, mirror, rotate_hue, shuffle_channels
 from .distributed import make_generator
 from .loop import Run, Stage
 from .optim import adamw, lr_lambda
@@ -126,6 +126,7 @@ class VAEStage(Stage):
         x = batch["pixels"].to(self.run.accelerator.device)
         x = mirror(x, self.augment.flips(len(x), self.generator).to(x.device))
         x = shuffle_channels(x, self.vc.color_shuffle, self.generator)
+        x = rotate_hue(x, self.vc.hue_rotate, self.generator)
         x_rec, posterior = self.vae_ddp(x, sample=True, generator=self.generator)  # x̂ from z ~ q(z|x)
         self.rec, loss = vae_loss(x, x_rec, posterior, self.vc.rec_loss, self.vc.kl_weight)
         self.gan = self.disc is not None and step >= self.vc.disc_start
