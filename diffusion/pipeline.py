@@ -189,7 +189,7 @@ class Pipeline:
         if height < f or width < f or height % f or width % f:
             raise BadRequest(f"height and width must be positive multiples of the VAE factor {f}, got {height}x{width}")
 
-    @torch.no_grad()
+    @torch.inference_mode()  # no autograd bookkeeping at all: ~5% of a small model's step
     def generate(
         self,
         prompts: str | list[str],
