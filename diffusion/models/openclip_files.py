@@ -2,8 +2,9 @@
 
 `import open_clip`, or any `import open_clip.x`, runs open_clip/__init__.py first. That imports CoCa,
 the Hugging Face text towers (transformers), timm, and through open_clip.utils torchvision and
-torch._dynamo: about 3 s on a 2-core CPU (benchmarks/README.md, "Cold start"), more than sampling the
-quick-start model takes. The toolkit needs two things from open_clip, and neither needs any of that:
+torch._dynamo: 3 to 5 s on a 2-core CPU beyond torch's own import (benchmarks/README.md, "Cold
+start of sample.py"), more than loading and sampling the quick-start model take. The toolkit needs
+two things from open_clip, and neither needs any of that:
 
 - The BPE tokenizer, open_clip/tokenizer.py. It imports only the standard library, ftfy, numpy,
   regex and torch, so `tokenizer_module()` runs that file by itself, the way the Python docs import a
@@ -13,10 +14,10 @@ quick-start model takes. The toolkit needs two things from open_clip, and neithe
 - The named architectures, open_clip/model_configs/NAME.json, read as open_clip.get_model_config reads them.
 
 The text tower's code is the toolkit's own (clip_text.py), because open_clip/transformer.py imports
-torchvision. If the package is imported already, its tokenizer module is used. If a later
-open_clip gives tokenizer.py an import of its own package, running it alone fails, and this falls back
-to `import open_clip.tokenizer`: slower, with the same ids (tests/test_cold_start.py then fails on the
-imports, not on the ids).
+torchvision. If the package is imported already, its tokenizer module is used. Should a later
+open_clip give tokenizer.py an import from its own package, a relative one fails when the file runs
+alone and this falls back to `import open_clip.tokenizer`, an absolute one imports the package: either
+way the ids stay open_clip's, and tests/test_cold_start.py fails on the slow imports.
 """
 
 from __future__ import annotations
