@@ -85,3 +85,13 @@ def test_bundled_tokenizer_is_a_fresh_one_with_shared_tables():
     assert shared.pat.pattern == fresh.pat.pattern and shared.pat.flags == fresh.pat.flags
     texts = prompts()[:60]
     assert torch.equal(shared(texts), fresh(texts))
+
+
+def test_a_tokenizer_file_that_needs_its_package_is_not_loaded_alone(tmp_path, monkeypatch):
+    """If open_clip's tokenizer.py ever imports from its own package, loading it alone fails cleanly, and
+    tokenizer_module() falls back to `import open_clip.tokenizer`."""
+    (tmp_path / "tokenizer.py").write_text("from .constants import OPENAI_DATASET_MEAN\n")
+    monkeypatch.setattr(openclip_files, "package_dir", lambda: tmp_path)
+    with pytest.raises(ImportError):
+        openclip_files.load_alone("tokenizer.py", "test_tokenizer_needing_its_package")
+    assert "test_tokenizer_needing_its_package" not in sys.modules
