@@ -38,6 +38,9 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def run_main(work: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> int:
     """Run work(argv) under the convention above and return the exit status."""
+    if not gc.isenabled():  # an entry script paused the collector for its imports (sample.py)
+        gc.freeze()  # what they made lives until exit: the collector need not walk it again
+        gc.enable()
     try:
         work(argv)
         return 0
