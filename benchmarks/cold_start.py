@@ -53,7 +53,7 @@ from diffusion.pipeline import Pipeline
 sample.load_model = timed("load", sample.load_model)
 sample.save_images = timed("png", sample.save_images)
 Pipeline.generate = timed("generate", Pipeline.generate)
-sample.generate_files(sys.argv[2:])
+assert sample.main(sys.argv[2:]) == 0  # through run_main, which turns the collector back on
 with open(sys.argv[1], "w") as f:
     json.dump(phases, f)
 """
