@@ -292,6 +292,52 @@ def test_shard_cache_skips_and_counts_the_rows_that_failed(shards, tmp_path, tin
     assert ids(cached) == ids(plain) and sum(b["skipped"] for b in cached) == sum(b["skipped"] for b in plain) >= 2
 
 
+
+def test_shard_cache_decoded_in_two_workers_is_the_same_bytes_and_a_killed_build_keeps_whole_chunks(shards, tmp_path, tiny_config, monkeypatch):
+    import dataclasses
+    import shutil
+    from types import SimpleNamespace
+
+    from diffusion.pipeline import Pipeline
+    from diffusion.train import cache
+    from diffusion.train.shard_cache import build_shard_cache
+
+    monkeypatch.setattr(cache, "CHUNK_ROWS", 4)  # chunks of two encoder calls, so the workers' batches interleave
+    monkeypatch.setattr(cache, "ENCODE_BATCH", 2)
+    folder = tmp_path / "shards"
+    write_corrupt_shards(folder, shards)  # failed rows, marked alike by both builds
+    for s in range(2, 6):
+        shutil.copy(shards / f"{s:05d}.tar", folder)
+    cfg = dataclasses.replace(tiny_config, data=dataclasses.replace(CFG, flip=True))
+    torch.manual_seed(0)
+    pipe = Pipeline(cfg.pipeline_config())
+    acc = SimpleNamespace(device=torch.device("cpu"), num_processes=1, process_index=0, is_main_process=True)
+    writes, write, kill = [], cache.ChunkedArray.write, []
+
+    def dying(self, c, blocks):  # with `kill`: dies in the middle of the fifth chunk
+        writes.append(c)
+        return write(self, c, interrupted(blocks) if kill and len(writes) == 5 else blocks)
+
+    def interrupted(blocks):
+        yield next(blocks)
+        raise RuntimeError("killed")
+
+    def build(workers: int, out: Path) -> dict[str, bytes]:
+        writes.clear()
+        data = dataclasses.replace(cfg.data, num_workers=workers)
+        build_shard_cache(pipe, list_shards(str(folder)), dataclasses.replace(cfg, data=data), out, acc, latents=True, text=False)
+        return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+    monkeypatch.setattr(cache.ChunkedArray, "write", dying)
+    one = build(0, tmp_path / "one")
+    chunks = len(writes)
+    kill.append(True)
+    with pytest.raises(RuntimeError, match="killed"):
+        build(2, tmp_path / "two")
+    kill.clear()
+    two = build(2, tmp_path / "two")
+    assert len(writes) == chunks - 4  # the four whole chunks were kept
+    assert two == one and any(json.loads(v).get("failed") for k, v in one.items() if k.endswith(".json"))
 def test_random_crops_on_shards_repeat_on_a_restart_and_small_images_are_skipped(shards, tmp_path):
     import dataclasses
 

@@ -96,10 +96,13 @@ def fill(accelerator, arrays: list[ChunkedArray], encode: Callable[[ChunkedArray
     total = sum(len(a.chunk_rows(c)) for a, c in mine)
     with tqdm(total=total, desc=desc, unit="row", disable=not (total and accelerator.is_main_process), leave=False) as bar:
         for a, c in mine:
-            rows = list(a.chunk_rows(c))
-            batches = [rows[i : i + ENCODE_BATCH] for i in range(0, len(rows), ENCODE_BATCH)]
-            a.write(c, _counted(encode(a, batches), bar))
+            a.write(c, _counted(encode(a, encode_batches(list(a.chunk_rows(c)))), bar))
     barrier(accelerator)
+
+
+def encode_batches(rows):
+    """`rows` cut into encoder calls of ENCODE_BATCH, from the first: a list gives lists, a range ranges."""
+    return [rows[i : i + ENCODE_BATCH] for i in range(0, len(rows), ENCODE_BATCH)]
 
 
 def _counted(blocks: Iterator, bar: tqdm) -> Iterator:

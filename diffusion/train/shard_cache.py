@@ -9,7 +9,8 @@ a row per sample in the tar's order, read by the streaming workers in place of d
 
 Shard i is built by rank i % processes. That rank reads the tar once to hash every sample's key and member bytes,
 which with the encoders' settings (cache.py's key parts) makes the shard's key, then encodes only the chunks
-missing under that key, a chunk at a time, so a killed build resumes. Nothing is gathered. Training then streams
+missing under that key, a chunk at a time, so a killed build resumes. The images are decoded in data.num_workers
+DataLoader workers and encoded in the rank's process (_ShardPixels). Nothing is gathered. Training then streams
 the shards exactly as without a cache (the same ShardStream order, batch counts and resume) and each sample's
 rows are read from the maps; a process keeps the maps of its last SHARD_MAPS shards open, so memory stays flat.
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +33,7 @@ from ..config import Config, DataConfig
 from ..data.shards import _WARNED, IMAGE_KEYS, SAMPLE_BITS, ShardIndex, _samples, decode, sample_captions
 from ..io.atomic import atomic_file
 from ..io.weights import state_hash
-from .cache import ENCODE_BATCH, ChunkedArray, _key, drop_stale, encode_views
+from .cache import ENCODE_BATCH, ChunkedArray, _counted, _key, drop_stale, encode_batches, encode_views
 from .distributed import barrier
 
 SHARD_MAPS = 64  # shards whose memory maps each process keeps open
@@ -113,9 +115,11 @@ def build_shard_cache(pipe, index: ShardIndex, cfg: Config, cache_dir: Path, acc
         for part, (root, _, _) in parts.items():
             drop_stale(cache_dir, f"shard-{part}", keep=root)
     mine = list(range(accelerator.process_index, len(index.shards), accelerator.num_processes))
+    # Hash every shard first (and write its text), so that one DataLoader, its workers started once, decodes the
+    # images of all the latent chunks still missing.
     bar = tqdm(mine, desc="cache shards", unit="shard", disable=not accelerator.is_main_process, leave=False)
-    for s in bar:
-        _build(pipe, index.shards[s], names[str(index.shards[s])], parts, cfg, accelerator.device)
+    latent_todo = [todo for s in bar for todo in _build(pipe, index.shards[s], names[str(index.shards[s])], parts)]
+    _fill_latents(pipe.vae, latent_todo, cfg.data, accelerator.device, accelerator.is_main_process)
     barrier(accelerator)  # every shard is written before any rank reads it
     return ShardRows(cfg, names, *[(parts[p][0], parts[p][1]) if p in parts else None for p in ("latents", "text")])
 
@@ -127,27 +131,33 @@ def _names(shards: list[Path]) -> dict[str, str]:
     return {str(p): p.stem if unique else f"{i:05d}-{p.stem}" for i, p in enumerate(shards)}
 
 
-def _build(pipe, shard: Path, name: str, parts: dict, cfg: Config, device) -> None:
-    """Scan one shard and write what is missing of its caches."""
+def _build(pipe, shard: Path, name: str, parts: dict) -> list[tuple[Path, ChunkedArray, list[int]]]:
+    """Scan one shard and write what is missing of its text cache; returns (shard, array, missing chunks) for its
+    latents when they are not complete, for _fill_latents."""
     digest, counts = _scan(shard)
+    latents = []
     for part, (root, row_shape, settings) in parts.items():
         folder, key = root / name, _key([settings, digest])
         if _meta(folder).get("key") == key:
             continue
         if part == "latents":
             array = ChunkedArray(folder / part, len(counts), row_shape, key)
-            encode = functools.partial(_encode_latents, pipe.vae, shard, cfg.data, row_shape, device)
-        else:
-            offsets = np.cumsum([0, *counts])
-            folder.mkdir(parents=True, exist_ok=True)
-            with atomic_file(folder / "offsets.npy") as tmp, open(tmp, "wb") as f:
-                np.save(f, offsets)
-            array = ChunkedArray(folder / part, int(offsets[-1]), row_shape, key)
-            encode = functools.partial(_encode_text, pipe.text_encoder, shard)
+            latents.append((shard, array, array.missing()))
+            continue
+        offsets = np.cumsum([0, *counts])
+        folder.mkdir(parents=True, exist_ok=True)
+        with atomic_file(folder / "offsets.npy") as tmp, open(tmp, "wb") as f:
+            np.save(f, offsets)
+        array = ChunkedArray(folder / part, int(offsets[-1]), row_shape, key)
         for c in array.missing():
-            array.write(c, encode(array.chunk_rows(c)))
-        with atomic_file(folder / "shard.json") as tmp:  # last: the shard is complete
-            tmp.write_text(json.dumps({"key": key, "rows": array.rows, "shard": str(shard)}))
+            array.write(c, _encode_text(pipe.text_encoder, shard, array.chunk_rows(c)))
+        _complete(shard, array)
+    return latents
+
+
+def _complete(shard: Path, array: ChunkedArray) -> None:
+    with atomic_file(array.folder.parent / "shard.json") as tmp:  # last: the shard is complete
+        tmp.write_text(json.dumps({"key": array.key, "rows": array.rows, "shard": str(shard)}))
 
 
 def _scan(shard: Path) -> tuple[str, list[int]]:
@@ -161,20 +171,58 @@ def _scan(shard: Path) -> tuple[str, list[int]]:
     return h.hexdigest(), counts
 
 
-@torch.no_grad()
-def _encode_latents(vae, shard: Path, data: DataConfig, row_shape: tuple[int, ...], device, rows: range) -> Iterator:
-    """(rows, failed) blocks of the posterior moments of the shard's samples in `rows` (center crops); failed rows are NaN."""
-    pixels = []
-    for sample in _samples([shard], _WARNED):
-        k = sample["__id__"] & ROW_MASK
-        if k in rows:
-            item = decode(sample, data)
-            pixels.append(None if item is None else item["pixels"])
-        if len(pixels) == ENCODE_BATCH or (pixels and k + 1 == rows.stop):
-            yield encode_views(vae, pixels, row_shape, device)
-            pixels = []
-        if k + 1 >= rows.stop:
-            return
+def _fill_latents(vae, todo: list[tuple[Path, ChunkedArray, list[int]]], data: DataConfig, device, progress: bool) -> None:
+    """Write the missing latent chunks of `todo`, then each shard's shard.json: one DataLoader for the whole build
+    decodes the images in data.num_workers workers, and this process encodes and writes each chunk as it comes."""
+    batches = [(shard, rows) for shard, array, missing in todo
+               for c in missing for rows in encode_batches(array.chunk_rows(c))]
+    loader = torch.utils.data.DataLoader(_ShardPixels(batches, data), batch_size=None, num_workers=data.num_workers)
+    decoded = iter(loader) if batches else iter(())  # no workers started for a cache that is complete
+    total = sum(len(rows) for _, rows in batches)
+    with tqdm(total=total, desc="cache latents", unit="row", disable=not (total and progress), leave=False) as bar:
+        for shard, array, missing in todo:
+            for c in missing:
+                blocks = (_encoded(vae, next(decoded), shard, rows, array.row_shape, device)
+                          for rows in encode_batches(array.chunk_rows(c)))
+                array.write(c, _counted(blocks, bar))
+            _complete(shard, array)
+
+
+def _encoded(vae, batch: dict, shard: Path, rows: range, row_shape: tuple[int, ...], device) -> tuple[np.ndarray, list[int]]:
+    """encode_views of a decoded batch, which must be the one the chunk expects next: the workers' order is the
+    DataLoader's round robin, and a mismatch would write rows into the wrong places."""
+    got = (batch["shard"], batch["start"])
+    assert got == (str(shard), rows.start), f"decoded {got[0]} row {got[1]} where {shard} row {rows.start} was expected"
+    return encode_views(vae, batch["pixels"], row_shape, device)
+
+
+class _ShardPixels(torch.utils.data.IterableDataset):
+    """The center-cropped pixels of each (shard, rows) batch, None for an image that fails: the latent cache's
+    decoding, in the DataLoader's workers.
+
+    Worker w of W decodes batches w, w + W, ...: the loader takes one item from each worker in turn, so the batches
+    reach the main process in their order and each chunk is written as a stream, never held. (Dealing whole
+    shards to the workers would interleave several chunks, each of which would have to wait in memory.) Each worker
+    therefore reads every tar up to its last batch, but decodes only its own rows.
+    """
+
+    def __init__(self, batches: list[tuple[Path, range]], data: DataConfig):
+        self.batches, self.data = batches, data
+
+    def __iter__(self) -> Iterator[dict]:
+        info = torch.utils.data.get_worker_info()
+        mine = self.batches[info.id :: info.num_workers] if info else self.batches
+        for shard, group in itertools.groupby(mine, key=lambda b: b[0]):
+            samples, at = _samples([shard], _WARNED), 0  # a sample's place in the tar is its row
+            for _, rows in group:
+                wanted = itertools.islice(samples, rows.start - at, rows.stop - at)
+                at = rows.stop
+                yield {"shard": str(shard), "start": rows.start, "pixels": [_pixels(sample, self.data) for sample in wanted]}
+
+
+def _pixels(sample: dict, data: DataConfig) -> Optional[torch.Tensor]:
+    item = decode(sample, data)
+    return None if item is None else item["pixels"]
 
 
 @torch.no_grad()
