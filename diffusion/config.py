@@ -310,6 +310,10 @@ def validate(cfg: Config) -> None:
     if cfg.data.resolution % cfg.vae.factor:
         raise ConfigError(f"data.resolution ({cfg.data.resolution}) must be divisible by the VAE factor {cfg.vae.factor}")
     validate_buckets(cfg)
+    for name, p in (("data.caption_dropout", cfg.data.caption_dropout), ("vae_training.color_shuffle", cfg.vae_training.color_shuffle),
+                    ("vae_training.hue_rotate", cfg.vae_training.hue_rotate)):
+        if not 0 <= p <= 1:
+            raise ConfigError(f"{name} is a probability: give a number from 0 to 1, got {p}")
     if cfg.data.shuffle_buffer < 1:
         raise ConfigError(f"data.shuffle_buffer must be >= 1 (1: no shuffling), got {cfg.data.shuffle_buffer}")
     if cfg.model.pretrained and cfg.vae_training.pretrained:

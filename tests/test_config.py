@@ -45,6 +45,9 @@ def test_dotted_overrides_are_typed():
         ("data.resolution=15", "divisible by the VAE factor"),
         ("unet.context_dim=32", "unet.context_dim"),
         ("training.lr", "key=value"),
+        ("vae_training.hue_rotate=1.5", "vae_training.hue_rotate is a probability"),
+        ("vae_training.color_shuffle=-0.1", "vae_training.color_shuffle is a probability"),
+        ("data.caption_dropout=2", "data.caption_dropout is a probability"),
     ],
 )
 def test_bad_keys_and_values_name_the_problem(override, fragment):
