@@ -292,7 +292,6 @@ def test_shard_cache_skips_and_counts_the_rows_that_failed(shards, tmp_path, tin
     assert ids(cached) == ids(plain) and sum(b["skipped"] for b in cached) == sum(b["skipped"] for b in plain) >= 2
 
 
-
 def test_shard_cache_decoded_in_two_workers_is_the_same_bytes_and_a_killed_build_keeps_whole_chunks(shards, tmp_path, tiny_config, monkeypatch):
     import dataclasses
     import shutil
@@ -338,6 +337,8 @@ def test_shard_cache_decoded_in_two_workers_is_the_same_bytes_and_a_killed_build
     two = build(2, tmp_path / "two")
     assert len(writes) == chunks - 4  # the four whole chunks were kept
     assert two == one and any(json.loads(v).get("failed") for k, v in one.items() if k.endswith(".json"))
+
+
 def test_random_crops_on_shards_repeat_on_a_restart_and_small_images_are_skipped(shards, tmp_path):
     import dataclasses
 
