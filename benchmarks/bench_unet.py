@@ -26,8 +26,10 @@ import os
 
 # OpenMP threads that spin while they wait stall each other badly when other processes share the
 # cores. Sleeping waits make timings stable; this must be set before torch loads OpenMP (so before
-# the imports below, benchmarks.* included), and applies to both sides. Export it to override.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# the imports below, benchmarks.* included), and applies to both sides. Export it to override. Only
+# a benchmark run sets it: a process that imports this module keeps its own environment.
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
 import copy  # noqa: E402
@@ -50,7 +52,7 @@ import torch  # noqa: E402
 import diffusers  # noqa: E402
 
 from benchmarks.measure import (  # noqa: E402
-    UNetTimer, collect_peak_rss, count_flops, interleaved, matmul_peak, peak_rss_of, register_cpu_attention_flops, sync,
+    UNetTimer, collect_peak_rss, count_flops, interleaved, matmul_peaks, peak_rss_of, register_cpu_attention_flops, sync,
 )
 from benchmarks.sides import (  # noqa: E402
     SIDES, DiffusersSide, build_diffusers, build_diffusers_unet, build_ours, diffusers_generate, no_zero_weights,
@@ -278,18 +280,6 @@ def print_sizes(params, vae_params, flops, sizes: Sizes) -> None:
           f"train FLOPs {flops['ours']['train'] / flops['diffusers']['train']:.4f}")
 
 
-def measure_matmul_peaks(s: Settings) -> dict[str, float]:
-    """The matmul peak per precision, the yardstick of the table's `% of matmul peak`."""
-    quick = s.args.quick
-    peak = {"fp32": matmul_peak(s.device, torch.float32, 512 if quick else 2048),
-            "bf16": matmul_peak(s.device, torch.bfloat16, 256 if quick else 2048 if s.cuda else 512)}
-    print(f"matmul peak (measured now): fp32 {peak['fp32'] / 1e9:.1f} GFLOP/s, bf16 {peak['bf16'] / 1e9:.1f} GFLOP/s")
-    if peak["bf16"] < peak["fp32"]:  # no bf16 hardware: autocast's bf16 kernels widen to fp32 and back
-        print("  (bf16 matmuls are slower than fp32 here, so bf16 rates below are given against the fp32 peak)")
-        peak["bf16"] = peak["fp32"]
-    return peak
-
-
 def print_timing_row(label: str, median: dict[str, float], ratio: float, rate: dict[str, float],
                      pct: dict[str, float]) -> None:
     print(f"{label:24s} {median['ours'] * 1e3:10.1f} {median['diffusers'] * 1e3:13.1f} {ratio:7.3f}   "
@@ -369,7 +359,7 @@ def main(argv=None) -> None:
         compile_unets(models)
         runs.update(unet_workloads(models, settings))
     generation.attach_timers()
-    peak = measure_matmul_peaks(settings)
+    peak = matmul_peaks(settings.device, settings.args.quick)
     print_sizes(params, vae_params, flops, settings.sizes)
     ratios = timing_table(runs, flops, peak, settings)
     print_generation_overhead(generation.outside)

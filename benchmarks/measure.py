@@ -44,6 +44,20 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, n: int, tries: int = 5
     return 2 * n**3 / min(timed(lambda: a @ b, device) for _ in range(tries))
 
 
+def matmul_peaks(device: torch.device, quick: bool) -> dict[str, float]:
+    """The matmul peak per precision ("fp32", "bf16") in FLOP/s, measured now; bf16 falls back to the
+    fp32 peak where bf16 matmuls are slower (no bf16 hardware: autocast's kernels widen to fp32 and back)."""
+    cuda = device.type == "cuda"
+    # A CPU without bf16 instructions multiplies bf16 at ~1 GFLOP/s: a smaller matrix keeps that to a second.
+    peak = {"fp32": matmul_peak(device, torch.float32, 512 if quick else 2048),
+            "bf16": matmul_peak(device, torch.bfloat16, 256 if quick else 2048 if cuda else 512)}
+    print(f"matmul peak (measured now): fp32 {peak['fp32'] / 1e9:.1f} GFLOP/s, bf16 {peak['bf16'] / 1e9:.1f} GFLOP/s")
+    if peak["bf16"] < peak["fp32"]:
+        print("  (bf16 matmuls are slower than fp32 here, so bf16 rates below are given against the fp32 peak)")
+        peak["bf16"] = peak["fp32"]
+    return peak
+
+
 def register_cpu_attention_flops() -> None:
     """flop_counter knows the CUDA attention kernels but not the CPU one SDPA picks: count it alike."""
     aten = torch.ops.aten

@@ -29,7 +29,7 @@ time is the minimum of 3 repeats. GFLOP/s is the counted FLOPs over that time, a
 against this machine's matmul peak, measured at the start of the run in the rows' dtype.
 `--dtype bf16` runs every row under bf16 autocast (the weights stay fp32, as in training); on a
 CPU without bf16 instructions it is several times slower and the share is then given against the
-fp32 peak (see bench_unet.py).
+fp32 peak (measure.matmul_peaks).
 
 Runtime of the default run on the 2-core AMD EPYC: about 6 minutes on one core (from timing its
 rows' steps single-threaded), so 4-6 minutes on two, longer while other processes share them; the
@@ -40,8 +40,10 @@ from __future__ import annotations
 
 import os
 
-# As in bench_unet.py: spinning OpenMP waits stall each other on shared cores; set before torch loads.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# As in bench_unet.py: spinning OpenMP waits stall each other on shared cores; set before torch loads,
+# and only when run as a script.
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
 import copy  # noqa: E402
@@ -61,7 +63,7 @@ import torch  # noqa: E402
 import diffusers  # noqa: E402
 
 from benchmarks.bench_unet import machine_line  # noqa: E402
-from benchmarks.measure import count_flops, interleaved, matmul_peak, register_cpu_attention_flops  # noqa: E402
+from benchmarks.measure import count_flops, interleaved, matmul_peaks, register_cpu_attention_flops  # noqa: E402
 from benchmarks.sides import SIDES, build_diffusers_unet, no_zero_weights  # noqa: E402
 from benchmarks.workloads import Sizes, call_for, make_train_step, unet_inputs  # noqa: E402
 from diffusion.config import PipelineConfig, load_config  # noqa: E402
@@ -157,21 +159,6 @@ def workloads_at(cfg, p: Point, plan: Plan, device, dtype, memory_format) -> dic
 
 
 # ----------------------------------------------------------------------------- measuring
-
-
-def measure_peak(device: torch.device, dtype: torch.dtype, quick: bool) -> float:
-    """The matmul peak in FLOP/s for the rows' dtype, measured now: the yardstick of each row's share."""
-    n = 512 if quick else 4096 if device.type == "cuda" else 2048
-    # A CPU without bf16 instructions multiplies bf16 at ~1 GFLOP/s: a smaller matrix keeps that to a second.
-    slow_bf16 = device.type == "cpu" and dtype != torch.float32
-    peak = matmul_peak(device, dtype, n // 4 if slow_bf16 else n)
-    print(f"matmul peak (measured now): {peak / 1e9:.1f} GFLOP/s in {str(dtype)[6:]}")
-    if dtype != torch.float32:
-        fp32 = matmul_peak(device, torch.float32, n)
-        if peak < fp32:  # no bf16 hardware: autocast's bf16 kernels widen to fp32 and back
-            print(f"  (slower than fp32's {fp32 / 1e9:.1f} GFLOP/s here, so shares are against the fp32 peak)")
-            peak = fp32
-    return peak
 
 
 def measure_point(cfg, p: Point, plan: Plan, device, dtype, memory_format) -> dict[str, dict[str, dict[str, float]]]:
@@ -307,7 +294,7 @@ def main(argv=None) -> list[dict]:
     base_cfg = load_config(SHAPES).pipeline_config()
     machine = machine_line(device, torch.get_num_threads())
     print_header(plan, base_cfg, machine, args.dtype)
-    peak = measure_peak(device, dtype, args.quick)
+    peak = matmul_peaks(device, args.quick)[args.dtype]
     rows = run_sweeps(plan, base_cfg, peak, device, dtype, memory_format)
     if args.json:
         header = dict(machine=machine, device=args.device, dtype=args.dtype, threads=torch.get_num_threads(),

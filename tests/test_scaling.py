@@ -5,18 +5,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 from collections import defaultdict
 
 import pytest
 
-_omp_wait = os.environ.get("OMP_WAIT_POLICY")
-from benchmarks import scaling  # noqa: E402  (sets OMP_WAIT_POLICY for a benchmark process)
-from benchmarks.sides import SIDES  # noqa: E402
-
-# The trainings that later tests start as subprocesses must not inherit the benchmark's setting.
-if _omp_wait is None:
-    os.environ.pop("OMP_WAIT_POLICY", None)
+from benchmarks import scaling
+from benchmarks.sides import SIDES
 
 HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 
