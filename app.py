@@ -1,6 +1,6 @@
 """A Gradio demo for a saved model.
 
-    python app.py --model DIR [--lora-dir DIR] [--host 127.0.0.1] [--port 7860] [--share]
+    python app.py --model DIR [--lora-dir DIR] [--host 127.0.0.1] [--port 7860] [--share] [--compile]
 
 The model is loaded once and shared by every request. Generation goes through Pipeline.generate(),
 the same call sample.py makes, so an image downloaded here (a PNG with the `parameters` text chunk)
@@ -15,6 +15,9 @@ An empty prompt is allowed: it generates unconditionally.
 With --lora-dir, a picker lists its *.safetensors adapters with a multiplier slider, and `<lora:name:m>`
 tags in the prompt are looked up there too (the web UI's syntax); the adapters are merged into the
 shared model before each request (Pipeline.set_loras) and every image records them.
+
+With --compile the U-Net is compiled and warmed up for DEFAULT_IMAGES images before the server
+starts, so the first visitor does not wait for the compiler; other sizes compile once on first use.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from diffusion.cli import ArgumentParser, add_device_args, add_model_args, load_model, resolve_seed, run_main
+from diffusion.cli import ArgumentParser, add_device_args, add_model_args, compile_model, load_model, resolve_seed, run_main
 from diffusion.lora.merge import resolve_stack, split_prompt_tags
 from diffusion import registry
 from diffusion.errors import ToolkitError, UsageError
@@ -34,6 +37,7 @@ if TYPE_CHECKING:
     import gradio as gr
 
 MAX_IMAGES = 8
+DEFAULT_IMAGES = 4  # the number-of-images slider's start, and the batch that --compile warms up
 MAX_GUIDANCE = 30.0
 MAX_SIZE_RATIO = 2
 QUEUE_SIZE = 16
@@ -122,7 +126,7 @@ def build_demo(pipeline: Pipeline, lora_dir: str | None = None) -> gr.Blocks:
                 eta = gr.Slider(0.0, 1.0, value=d.eta, step=0.05, label="Eta (DDIM noise; 0 is deterministic)")
                 with gr.Row():
                     seed = gr.Number(-1, label="Seed (-1 = random)", precision=0, minimum=-1)
-                    num_images = gr.Slider(1, MAX_IMAGES, value=min(4, MAX_IMAGES), step=1, label="Number of images")
+                    num_images = gr.Slider(1, MAX_IMAGES, value=DEFAULT_IMAGES, step=1, label="Number of images")
                 with gr.Row():
                     height = gr.Slider(f, max_side, value=res, step=f, label=f"Height (multiple of {f})")
                     width = gr.Slider(f, max_side, value=res, step=f, label=f"Width (multiple of {f})")
@@ -168,6 +172,8 @@ def serve(argv: list[str] | None = None) -> None:
     if args.lora_dir and not Path(args.lora_dir).is_dir():
         raise UsageError(f"--lora-dir {args.lora_dir} is not a folder; give the folder that holds the LoRA .safetensors files")
     pipeline = load_model(args.model, args.device, args.dtype, args.prediction_type, args.ema)
+    if args.compile:  # before the server starts: the first visitor must not wait for the compiler
+        compile_model(pipeline, DEFAULT_IMAGES)
     build_demo(pipeline, args.lora_dir).launch(server_name=args.host, server_port=args.port, share=args.share)
 
 

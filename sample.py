@@ -16,6 +16,8 @@ script only reads arguments, names files and writes PNGs carrying their paramete
   and get renamed). Flags given next to --from-png override the PNG's values. A model whose hash
   differs from the PNG's is reported, because the pixels will differ. The image is rebuilt in a
   batch of its recorded size and position (Pipeline.regenerate), so the pixels are the same ones.
+- --compile compiles the U-Net and warms it up on the first batch's shape before generating
+  (Pipeline.compile); --from-png is pixel-exact only in the mode (compiled or eager) that made the image.
 - LoRA adapters: --lora FILE[:SCALE] (repeatable) and `<lora:name:m>` tags in the prompt, which are
   stripped from the text the encoder sees and looked up as NAME.safetensors in --lora-dir (as the web
   UI does). --from-png looks up the PNG's adapters there too; --lora flags replace them.
@@ -40,7 +42,9 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
-from diffusion.cli import ArgumentParser, add_device_args, add_lora_args, add_model_args, load_model, resolve_seed, run_main
+from diffusion.cli import (
+    ArgumentParser, add_device_args, add_lora_args, add_model_args, compile_model, load_model, resolve_seed, run_main,
+)
 from diffusion import registry
 from diffusion.errors import ToolkitError, UsageError, warn
 from diffusion.infotext import JSON_KEY, GenerationParams, attach, read_png_params, save_png
@@ -165,6 +169,10 @@ def generate_files(argv: list[str] | None = None) -> list[Path]:
     pipe.set_loras(stack)  # a LoRA made for another base model is refused here, naming its first misfit layer
     if stack:
         print(describe(pipe, stack), file=sys.stderr)
+    regenerating = stored is not None and args.num_images == 1  # one image, rebuilt in its recorded batch for the same pixels
+    if args.compile:
+        first_batch = stored.batch_size if regenerating else min(args.batch_size, len(prompts) * args.num_images)
+        compile_model(pipe, first_batch, **{k: kwargs[k] for k in ("sampler", "guidance", "height", "width")})
 
     bars: list[tqdm] = []  # made at the first step, so that a rejected argument prints no empty bar
 
@@ -174,7 +182,7 @@ def generate_files(argv: list[str] | None = None) -> list[Path]:
         bars[0].update(done - bars[0].n)
 
     try:
-        if stored is not None and args.num_images == 1:  # one image, rebuilt in its recorded batch for the same pixels
+        if regenerating:
             images = [pipe.regenerate(dataclasses.replace(stored, **kwargs), progress=progress)]
         else:
             images = pipe.generate(

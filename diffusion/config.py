@@ -198,7 +198,11 @@ class TrainingConfig:
     grad_accum: int = 1
     warmup_steps: int = 500
     lr_schedule: Literal["constant", "cosine"] = "constant"
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    # Autocast through Accelerate, on CPU as on GPU; auto: bf16 where the hardware has it (diffusion.devices).
+    mixed_precision: Literal["no", "fp16", "bf16", "auto"] = "no"
+    # torch.compile (inductor) of the trained modules: the U-Net and text encoder here, the VAE and its
+    # discriminator in the VAE stage; auto: on a GPU only (diffusion.devices has the CPU figures).
+    compile: Literal["no", "yes", "auto"] = "no"
     ema_decay: float = 0.9999
     ema_warmup: bool = True
     min_snr_gamma: Optional[float] = None

@@ -127,6 +127,26 @@ class Pipeline:
         ):
             apply_loras(self, stack)
 
+    def compile(self, batch_size: int = 1, sampler: str | None = None, guidance: float | None = None,
+                height: int | None = None, width: int | None = None) -> None:
+        """torch.compile the U-Net in place, then warm it up: one 2-step generation of batch_size images
+        (with these settings, else the model's defaults), so that the first request of that shape runs compiled code.
+
+        Shapes are static: each new batch size or resolution compiles once more on first use, and a
+        size's kernels do not depend on which sizes came before, so --from-png stays pixel-exact
+        between compiled runs. Compiled kernels round differently from eager ones, so an image made
+        eagerly regenerates exactly only eagerly.
+        """
+        import torch._dynamo
+
+        from .devices import quiet_compiler
+
+        quiet_compiler()
+        # The demo's 1-8 images, with and without guidance, at several sizes: more graphs than the default 8.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        self.unet.compile(dynamic=False)
+        self.generate([""] * batch_size, steps=2, batch_size=batch_size, sampler=sampler, guidance=guidance, height=height, width=width)
+
     # ------------------------------------------------------------------ save / load
 
     def save(self, path: str | Path) -> None:

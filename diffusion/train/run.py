@@ -8,10 +8,12 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import TorchDynamoPlugin
 
 from ..config import Config, load_config, load_yaml, save_config, to_dict
 from ..data import DataError, ensure_shapes, index_folder
 from ..data.shards import is_shards, list_shards
+from ..devices import Choice, quiet_compiler, resolve_compile, resolve_mixed_precision
 from ..errors import TrainError, warn
 from .loop import Run, run_loop
 from .metrics import MetricsLogger
@@ -43,6 +45,20 @@ def train(config: str, overrides: list[str], stage: str = "all", resume: bool = 
         if not run_loop(run, stage_classes[name](run)):
             break
     accelerator.end_training()
+
+
+def report_modes(cfg: Config, precision: Choice, compiled: Choice) -> None:
+    """One line for each `auto` choice, and one for what compilation changes."""
+    if cfg.training.mixed_precision == "auto":
+        print(f"training.mixed_precision auto: {precision.value} ({precision.reason})", file=sys.stderr)
+    if cfg.training.compile == "auto":
+        print(f"training.compile auto: {compiled.value} ({compiled.reason})", file=sys.stderr)
+    if compiled.value == "yes":
+        print(
+            "training.compile: the first steps of each stage compile the models (a minute or more); compiled kernels round "
+            "differently from eager ones, so --resume is bit-exact only when both runs compile",
+            file=sys.stderr,
+        )
 
 
 def stages_to_run(stage: str, cfg: Config, out: Path, resume: bool) -> list[str]:
@@ -133,6 +149,9 @@ def add_regularization(index, data) -> None:
 
 
 def make_accelerator(cfg: Config, out: Path) -> Accelerator:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    precision = resolve_mixed_precision(cfg.training.mixed_precision, device)
+    compiled = resolve_compile(cfg.training.compile, device)
     use_tb = cfg.training.tensorboard
     if use_tb:
         try:
@@ -142,13 +161,20 @@ def make_accelerator(cfg: Config, out: Path) -> Accelerator:
             use_tb = False
     try:
         accelerator = Accelerator(
-            mixed_precision=cfg.training.mixed_precision,
-            cpu=not torch.cuda.is_available(),  # makes torchrun on CPUs use gloo data parallelism
+            mixed_precision=precision.value,
+            cpu=device.type == "cpu",  # makes torchrun on CPUs use gloo data parallelism
             log_with="tensorboard" if use_tb else None,
             project_dir=str(out),
+            # Static shapes: a batch of another size gets its own graph rather than one general graph,
+            # whose kernels would then depend on which sizes came first.
+            dynamo_plugin=TorchDynamoPlugin(backend="inductor" if compiled.value == "yes" else "no", dynamic=False),
         )
     except (ValueError, RuntimeError) as e:
         raise TrainError(f"cannot set up Accelerate: {e}") from None
+    if compiled.value == "yes":
+        quiet_compiler()
+    if accelerator.is_main_process:
+        report_modes(cfg, precision, compiled)
     if use_tb:
         accelerator.init_trackers("tensorboard")
     return accelerator

@@ -1,0 +1,157 @@
+"""Compiled and mixed-precision modes: the `auto` choices, torch.compile in training (resume and gradient
+checkpointing), bf16 autocast on CPU, and sample.py --compile with --from-png.
+
+The tests that compile are marked `compile` and left out of the default run (pyproject.toml): on a
+2-core CPU inductor spends two to four minutes building the kernels of even the tiny models. Run them
+with `pytest -m compile`.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from diffusion import devices
+from diffusion.config import ConfigError, load_config
+from diffusion.train.checkpoints import list_checkpoints
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+from test_train import ENV, assert_same_weights, metrics, ok, train  # noqa: E402
+
+CPU = torch.device("cpu")
+
+
+# ----------------------------------------------------------------------------- auto choices
+
+
+@pytest.mark.parametrize("flags, want", [(("amx_bf16", "avx512_bf16"), "bf16"), (("avx512_bf16",), "bf16"), ((), "no")])
+def test_auto_precision_follows_the_cpus_bf16_instructions(monkeypatch, flags, want):
+    monkeypatch.setattr(devices, "cpu_bf16_flags", lambda: flags)
+    choice = devices.resolve_mixed_precision("auto", CPU)
+    assert choice.value == want
+    assert (flags[0] in choice.reason) if flags else "emulated" in choice.reason
+    assert devices.resolve_mixed_precision("fp16", CPU).value == "fp16"  # a set value is kept
+
+
+def test_cpu_flags_are_read_from_cpuinfo(monkeypatch, tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx512f avx512_bf16 amx_tile amx_bf16\n\nprocessor\t: 1\n")
+    real = Path
+
+    monkeypatch.setattr(devices, "Path", lambda p: info if p == "/proc/cpuinfo" else real(p))
+    devices.cpu_bf16_flags.cache_clear()
+    try:
+        assert devices.cpu_bf16_flags() == ("amx_bf16", "avx512_bf16")
+        info.write_text("flags\t\t: fpu sse2 avx2\n")
+        devices.cpu_bf16_flags.cache_clear()
+        assert devices.cpu_bf16_flags() == ()
+    finally:
+        devices.cpu_bf16_flags.cache_clear()
+
+
+def test_auto_compile_is_on_for_gpus_only():
+    assert devices.resolve_compile("auto", CPU).value == "no"
+    assert devices.resolve_compile("auto", torch.device("cuda")).value == "yes"
+    assert devices.resolve_compile("yes", CPU).value == "yes"
+
+
+def test_config_takes_yaml_booleans_and_rejects_other_values():
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", ["training.compile=true", "training.mixed_precision=auto"])
+    assert cfg.training.compile == "yes" and cfg.training.mixed_precision == "auto"
+    assert load_config(ROOT / "configs" / "tiny.yaml", ["training.compile=false"]).training.compile == "no"
+    with pytest.raises(ConfigError, match="training.compile"):
+        load_config(ROOT / "configs" / "tiny.yaml", ["training.compile=fast"])
+
+
+# ----------------------------------------------------------------------------- training
+
+
+@pytest.fixture(scope="module")
+def vae_dir(tmp_path_factory) -> tuple[Path, Path]:
+    """A tiny VAE (and the shapes data it generated), shared by the LDM-stage runs below."""
+    root = tmp_path_factory.mktemp("compile")
+    ok(train(root / "data", root / "vae-run", "--stage", "vae"))
+    return root / "data", root / "vae-run" / "vae"
+
+
+COMPILED = ["training.compile=yes", "unet.gradient_checkpointing=true"]
+
+
+@pytest.mark.slow
+@pytest.mark.compile
+def test_compiled_training_with_checkpointing_resumes_bit_exactly(vae_dir, tmp_path):
+    data, vae = vae_dir
+    ref = ok(train(data, tmp_path / "ref", f"vae_training.pretrained={vae}", *COMPILED, timeout=900))
+    assert "compiled kernels round differently" in ref.stderr
+    out = tmp_path / "resumed"
+    ok(train(data, out, f"vae_training.pretrained={vae}", *COMPILED, env={"DIFFUSION_STOP_AT": "ldm:3"}, timeout=900))
+    assert [s for s, _ in list_checkpoints(out / "checkpoints")] == [2, 3]
+    ok(train(data, out, f"vae_training.pretrained={vae}", *COMPILED, "--resume", timeout=900))
+    for name in ("unet.safetensors", "text_encoder.safetensors"):
+        assert_same_weights(tmp_path / "ref" / "model" / name, out / "model" / name)
+
+
+@pytest.mark.slow
+def test_bf16_autocast_trains_on_cpu(vae_dir, tmp_path):
+    data, vae = vae_dir
+    proc = ok(train(data, tmp_path / "bf16", f"vae_training.pretrained={vae}", "training.mixed_precision=bf16"))
+    assert "saved the model" in proc.stderr
+    ok(train(data, tmp_path / "fp32", f"vae_training.pretrained={vae}"))
+    # Autocast ran: after the first step (the U-Net's zero-initialised output layer makes it the same)
+    # the bf16 run's losses are close to fp32's but not equal to them.
+    bf16, fp32 = ([m["loss"] for m in metrics(tmp_path / run) if m["stage"] == "ldm" and "loss" in m] for run in ("bf16", "fp32"))
+    assert len(bf16) == len(fp32) == 6 and bf16[0] == fp32[0]
+    assert all(a != b and a == pytest.approx(b, rel=0.05) for a, b in zip(bf16[1:], fp32[1:]))
+
+
+@pytest.mark.slow
+def test_auto_choices_are_reported_at_start(vae_dir, tmp_path):
+    data, vae = vae_dir
+    proc = ok(train(data, tmp_path / "auto", f"vae_training.pretrained={vae}", "training.max_steps=1",
+                    "training.mixed_precision=auto", "training.compile=auto"))
+    want = devices.resolve_mixed_precision("auto", CPU).value
+    assert f"training.mixed_precision auto: {want} (" in proc.stderr
+    assert "training.compile auto: no (on a CPU" in proc.stderr
+
+
+# ----------------------------------------------------------------------------- generation
+
+
+@pytest.mark.compile
+def test_compiled_pipeline_matches_eager_and_sees_new_weights(tiny_config):
+    from diffusion.pipeline import Pipeline
+
+    torch.manual_seed(0)
+    pipe = Pipeline(tiny_config.pipeline_config())
+    prompts = ["a red circle in the top left", "a blue square in the center"]
+    eager = [np.asarray(im, dtype=int) for im in pipe.generate(prompts, steps=3, batch_size=2)]
+    pipe.compile(batch_size=2)
+    compiled = [np.asarray(im, dtype=int) for im in pipe.generate(prompts, steps=3, batch_size=2)]
+    assert max(np.abs(a - b).max() for a, b in zip(eager, compiled)) <= 2
+    assert sorted(pipe.unet.state_dict()) == sorted(Pipeline(tiny_config.pipeline_config()).unet.state_dict())  # keys as saved
+    with torch.no_grad():  # weights changed in place (as LoRA merging does) reach the compiled graph
+        pipe.unet.conv_out.bias.add_(0.5)
+    changed = [np.asarray(im, dtype=int) for im in pipe.generate(prompts, steps=3, batch_size=2)]
+    assert max(np.abs(a - b).max() for a, b in zip(changed, compiled)) > 10
+
+
+@pytest.mark.slow
+@pytest.mark.compile
+def test_sample_compile_regenerates_its_images_exactly(tiny_model_dir, tmp_path):
+    def sample(*flags) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, str(ROOT / "sample.py"), "--model", str(tiny_model_dir), "--out", str(tmp_path), "--compile", *flags]
+        return ok(subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600))
+
+    made = sample("--prompt", "a red circle in the top left", "--num-images", "3", "--batch-size", "3", "--steps", "4", "--seed", "7")
+    assert "--compile: the U-Net is compiled and warmed up for 3 image(s) per batch" in made.stderr
+    second = Path(made.stdout.split()[1])
+    again = Path(sample("--from-png", str(second)).stdout.split()[0])
+    assert np.array_equal(np.asarray(Image.open(second)), np.asarray(Image.open(again)))
