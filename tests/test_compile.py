@@ -155,3 +155,15 @@ def test_sample_compile_regenerates_its_images_exactly(tiny_model_dir, tmp_path)
     second = Path(made.stdout.split()[1])
     again = Path(sample("--from-png", str(second)).stdout.split()[0])
     assert np.array_equal(np.asarray(Image.open(second)), np.asarray(Image.open(again)))
+
+
+def test_app_compiles_and_warms_up_before_it_serves(tiny_pipeline, monkeypatch, capsys):
+    import app
+
+    events = []
+    monkeypatch.setattr(app, "load_model", lambda *a, **k: tiny_pipeline)
+    monkeypatch.setattr(type(tiny_pipeline), "compile", lambda self, n, **request: events.append(("compile", n)))
+    monkeypatch.setattr(app, "build_demo", lambda *a: type("Demo", (), {"launch": lambda self, **kw: events.append(("launch",))})())
+    assert app.main(["--model", "whatever", "--compile"]) == 0
+    assert events == [("compile", app.DEFAULT_IMAGES), ("launch",)]
+    assert "--compile: the U-Net is compiled and warmed up for 4 image(s) per batch" in capsys.readouterr().err
