@@ -55,7 +55,7 @@ def resolve_mixed_precision(setting: str, device: torch.device) -> Choice:
 
 
 def resolve_compile(setting: str, device: torch.device) -> Choice:
-    """training.compile and --compile: `auto` compiles on a GPU and stays eager on a CPU."""
+    """training.compile: `auto` compiles on a GPU and stays eager on a CPU."""
     if setting != "auto":
         return Choice(setting, "set in the config")
     if device.type == "cuda":
