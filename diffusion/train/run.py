@@ -6,7 +6,6 @@ import shutil
 import sys
 from pathlib import Path
 
-import torch
 from accelerate import Accelerator
 from accelerate.utils import TorchDynamoPlugin
 
@@ -15,6 +14,7 @@ from ..data import DataError, ensure_shapes, index_folder
 from ..data.shards import is_shards, list_shards
 from ..devices import Choice, quiet_compiler, resolve_compile, resolve_mixed_precision
 from ..errors import TrainError, warn
+from ..pipeline import default_device
 from .loop import Run, run_loop
 from .metrics import MetricsLogger
 from .signals import StopRequest
@@ -149,7 +149,7 @@ def add_regularization(index, data) -> None:
 
 
 def make_accelerator(cfg: Config, out: Path) -> Accelerator:
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device()
     precision = resolve_mixed_precision(cfg.training.mixed_precision, device)
     compiled = resolve_compile(cfg.training.compile, device)
     use_tb = cfg.training.tensorboard
