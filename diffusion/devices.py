@@ -63,6 +63,20 @@ def resolve_compile(setting: str, device: torch.device) -> Choice:
     return Choice("no", "on a CPU, compiling costs more time than it saves at these sizes")
 
 
+def compiler_missing(device: torch.device) -> str | None:
+    """Why torch.compile cannot run on `device` (None: it can). On a CPU inductor builds C++ kernels, and
+    without a compiler it would fail only at the first forward, deep in a traceback."""
+    if device.type != "cpu":
+        return None
+    from torch._inductor import cpp_builder, exc
+
+    try:
+        cpp_builder.get_cpp_compiler()
+    except exc.InvalidCxxCompiler:
+        return "torch.compile on a CPU builds C++ kernels, and no C++ compiler was found: install g++ (or set CXX)"
+    return None
+
+
 def quiet_compiler() -> None:
     """Silence the C++ extension loader's note that a CPU-only machine has no CUDA runtime, which every
     inductor compile on a CPU prints and which asks nothing of the user."""

@@ -139,8 +139,10 @@ class Pipeline:
         """
         import torch._dynamo
 
-        from .devices import quiet_compiler
+        from .devices import compiler_missing, quiet_compiler
 
+        if problem := compiler_missing(self.device):
+            raise PipelineError(f"--compile: {problem}, or leave out --compile")
         quiet_compiler()
         # The demo's 1-8 images, with and without guidance, at several sizes: more graphs than the default 8.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)

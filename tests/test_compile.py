@@ -168,3 +168,28 @@ def test_app_compiles_and_warms_up_before_it_serves(tiny_pipeline, monkeypatch, 
     assert app.main(["--model", "whatever", "--compile"]) == 0
     assert events == [("compile", app.DEFAULT_IMAGES), ("launch",)]
     assert "--compile: the U-Net is compiled and warmed up for 4 image(s) per batch" in capsys.readouterr().err
+
+
+def test_a_missing_cpp_compiler_is_one_line_before_any_work(monkeypatch, tmp_path, tiny_model_dir, capsys):
+    from torch._inductor import cpp_builder, exc
+
+    import sample
+    from diffusion.train.run import train as train_in_process
+
+    def no_compiler():
+        raise exc.InvalidCxxCompiler()
+
+    monkeypatch.setattr(cpp_builder, "get_cpp_compiler", no_compiler)
+    assert "no C++ compiler was found" in devices.compiler_missing(CPU)
+    assert devices.compiler_missing(torch.device("cuda")) is None
+
+    code = sample.main(["--model", str(tiny_model_dir), "--prompt", "a red circle", "--out", str(tmp_path / "png"), "--compile"])
+    assert code == 1 and not (tmp_path / "png").exists()  # refused before any image was made
+    err = capsys.readouterr().err
+    assert err.startswith("error: --compile: torch.compile on a CPU builds C++ kernels") and err.count("\n") == 1, err
+
+    from diffusion.errors import TrainError
+
+    with pytest.raises(TrainError, match=r"^training.compile: torch.compile on a CPU .* install g\+\+ .*training.compile=no$"):
+        train_in_process(str(ROOT / "configs" / "tiny.yaml"), [f"output_dir={tmp_path / 'run'}", "training.compile=yes"])
+    assert not (tmp_path / "run").exists()  # nothing written

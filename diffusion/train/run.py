@@ -12,7 +12,7 @@ from accelerate.utils import TorchDynamoPlugin
 from ..config import Config, load_config, load_yaml, save_config, to_dict
 from ..data import DataError, ensure_shapes, index_folder
 from ..data.shards import is_shards, list_shards
-from ..devices import Choice, quiet_compiler, resolve_compile, resolve_mixed_precision
+from ..devices import Choice, compiler_missing, quiet_compiler, resolve_compile, resolve_mixed_precision
 from ..errors import TrainError, warn
 from ..pipeline import default_device
 from .loop import Run, run_loop
@@ -152,6 +152,8 @@ def make_accelerator(cfg: Config, out: Path) -> Accelerator:
     device = default_device()
     precision = resolve_mixed_precision(cfg.training.mixed_precision, device)
     compiled = resolve_compile(cfg.training.compile, device)
+    if compiled.value == "yes" and (problem := compiler_missing(device)):
+        raise TrainError(f"training.compile: {problem}, or set training.compile=no")
     use_tb = cfg.training.tensorboard
     if use_tb:
         try:
