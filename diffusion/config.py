@@ -311,6 +311,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"unet.context_dim ({cfg.unet.context_dim}) must equal text_encoder.width ({cfg.text_encoder.width})"
         )
+    if cfg.text_encoder.layers < 0:
+        raise ConfigError(f"text_encoder.layers must be >= 0 (0: token and position embeddings only), got {cfg.text_encoder.layers}")
+    if cfg.text_encoder.layer == "penultimate" and cfg.text_encoder.layers < 1:
+        raise ConfigError("text_encoder.layer: penultimate needs a tower of at least one block; set it to last")
     if cfg.data.resolution % cfg.vae.factor:
         raise ConfigError(f"data.resolution ({cfg.data.resolution}) must be divisible by the VAE factor {cfg.vae.factor}")
     validate_buckets(cfg)

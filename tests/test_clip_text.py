@@ -120,3 +120,22 @@ def test_named_architectures_match_open_clip():
     # What the tower does not build is refused by name; Hugging Face towers are refused before (text.py).
     with pytest.raises(ValueError, match="text_cfg.embed_cls = True is not supported"):
         build_text_tower(512, open_clip.get_model_config("coca_ViT-B-32")["text_cfg"])
+
+
+def test_tower_of_no_blocks_keeps_each_word_to_itself():
+    """layers=0 (the quick start's tower): each state is LayerNorm(token + position embedding), so a word's
+    state is the same whatever the words around it, and the end token no longer sums up the caption."""
+    torch.manual_seed(0)
+    encoder = TextEncoder(TextEncoderConfig(width=32, layers=0, heads=4, context_length=12, embed_dim=16))
+    tower = encoder.tower
+    tokens = encoder.tokenize(["a red circle in the top left", "a blue circle in the top left"])
+    with torch.no_grad():
+        states, pooled = encoder(tokens)
+        expected = tower.ln_final(tower.token_embedding(tokens) + tower.positional_embedding)
+    assert torch.equal(states, expected)
+    differs = (states[0] - states[1]).abs().amax(-1) > 0  # (L,)
+    assert differs.tolist() == [i == 2 for i in range(12)]  # only the color's own slot
+    eot = tokens[0].argmax()
+    torch.testing.assert_close(pooled[0], pooled[1])  # the end token's state knows nothing of the color
+    assert torch.equal(pooled[0], states[0, eot] @ tower.text_projection)
+    assert len(list(tower.transformer.parameters())) == 0

@@ -48,6 +48,7 @@ def test_dotted_overrides_are_typed():
         ("vae_training.hue_rotate=1.5", "vae_training.hue_rotate is a probability"),
         ("vae_training.color_shuffle=-0.1", "vae_training.color_shuffle is a probability"),
         ("data.caption_dropout=2", "data.caption_dropout is a probability"),
+        ("text_encoder.layers=-1", "text_encoder.layers must be >= 0"),
     ],
 )
 def test_bad_keys_and_values_name_the_problem(override, fragment):
@@ -82,3 +83,8 @@ def test_a_value_left_unset_says_how_to_set_it():
 def test_missing_file_is_one_line(tmp_path):
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "missing.yaml")
+
+
+def test_penultimate_layer_needs_a_block():
+    with pytest.raises(ConfigError, match="^text_encoder.layer: penultimate needs a tower of at least one block; set it to last$"):
+        load_config(ROOT / "configs/tiny.yaml", ["text_encoder.layers=0", "text_encoder.layer=penultimate"])

@@ -123,8 +123,9 @@ def test_diffusers_folder_computes_what_transformers_computes(flavour, files, to
     assert (other(ids)[0] - theirs).abs().max() > 1e-3
 
 
-def test_export_to_diffusers_folder_round_trips(tokenizer_dirs, tmp_path):
-    cfg = TextEncoderConfig(width=32, layers=3, heads=4, context_length=77, activation="quick_gelu",
+@pytest.mark.parametrize("layers", [3, 0])  # 0: the quick start's tower of embeddings only
+def test_export_to_diffusers_folder_round_trips(layers, tokenizer_dirs, tmp_path):
+    cfg = TextEncoderConfig(width=32, layers=layers, heads=4, context_length=77, activation="quick_gelu",
                             embed_dim=16, tokenizer=str(tokenizer_dirs[EOS, "vocab"]))
     torch.manual_seed(0)
     encoder = TextEncoder(cfg)

@@ -72,10 +72,8 @@ def _matrix(state: dict[str, torch.Tensor], key: str, what: str) -> tuple[int, i
 
 
 def _blocks(state: dict[str, torch.Tensor], prefix: str, what: str) -> int:
-    layers = count_indices(state, prefix)
-    if not layers:
-        raise WeightsError(f"{what}: no transformer blocks (no tensors under {prefix})")
-    return layers
+    """How many blocks the tower has; none is a tower of embeddings and final LayerNorm only."""
+    return count_indices(state, prefix)
 
 
 def hf_arch(state: dict[str, torch.Tensor], what: str = HF_WHAT) -> TextArch:
@@ -269,7 +267,7 @@ def hf_text_model(encoder: TextEncoder) -> tuple[dict, dict[str, torch.Tensor]]:
         "model_type": "clip_text_model",
         "vocab_size": arch.vocab_size,
         "hidden_size": arch.width,
-        "intermediate_size": tower.transformer.resblocks[0].mlp.c_fc.out_features,
+        "intermediate_size": tower.transformer.mlp_width,
         "num_hidden_layers": arch.layers,
         "num_attention_heads": tower.heads,
         "max_position_embeddings": arch.context_length,

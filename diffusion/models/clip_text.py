@@ -83,7 +83,7 @@ class ResidualAttentionBlock(nn.Module):
 class Transformer(nn.Module):
     def __init__(self, width: int, layers: int, heads: int, mlp_ratio: float, ls_init_value, act_layer, norm_layer):
         super().__init__()
-        self.width, self.layers = width, layers
+        self.width, self.layers, self.mlp_width = width, layers, int(width * mlp_ratio)
         self.resblocks = nn.ModuleList(
             [ResidualAttentionBlock(width, heads, mlp_ratio, ls_init_value, act_layer, norm_layer) for _ in range(layers)]
         )
@@ -129,7 +129,8 @@ class TextTransformer(nn.Module):
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.positional_embedding, std=0.01)
         width, layers = self.transformer.width, self.transformer.layers
-        proj_std, attn_std, fc_std = width**-0.5 * (2 * layers) ** -0.5, width**-0.5, (2 * width) ** -0.5
+        attn_std, fc_std = width**-0.5, (2 * width) ** -0.5
+        proj_std = width**-0.5 * (2 * layers) ** -0.5 if layers else 0.0  # no blocks, no output projections
         for block in self.transformer.resblocks:
             nn.init.normal_(block.attn.in_proj_weight, std=attn_std)
             nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
@@ -143,7 +144,7 @@ class TextTransformer(nn.Module):
 
     def _embeds(self, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Token ids (B, L) -> the first block's input (B, L, width) and the attention mask (open_clip's name)."""
-        cast_dtype = self.transformer.resblocks[0].mlp.c_fc.weight.dtype
+        cast_dtype = self.token_embedding.weight.dtype  # open_clip's cast dtype, which a tower of no blocks also has
         x = self.token_embedding(text).to(cast_dtype)
         return x + self.positional_embedding[: text.shape[1]].to(cast_dtype), self.attn_mask
 
