@@ -144,7 +144,8 @@ class TextTransformer(nn.Module):
 
     def _embeds(self, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Token ids (B, L) -> the first block's input (B, L, width) and the attention mask (open_clip's name)."""
-        cast_dtype = self.token_embedding.weight.dtype  # open_clip's cast dtype, which a tower of no blocks also has
+        # The tower's dtype; open_clip reads it off the first block, which a tower of no blocks lacks.
+        cast_dtype = self.token_embedding.weight.dtype
         x = self.token_embedding(text).to(cast_dtype)
         return x + self.positional_embedding[: text.shape[1]].to(cast_dtype), self.attn_mask
 
