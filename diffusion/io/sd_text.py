@@ -71,18 +71,13 @@ def _matrix(state: dict[str, torch.Tensor], key: str, what: str) -> tuple[int, i
     return shape
 
 
-def _blocks(state: dict[str, torch.Tensor], prefix: str) -> int:
-    """How many blocks the tower has; none is a tower of embeddings and final LayerNorm only."""
-    return count_indices(state, prefix)
-
-
 def hf_arch(state: dict[str, torch.Tensor], what: str = HF_WHAT) -> TextArch:
     """The architecture of Hugging Face CLIPTextModel(WithProjection) weights."""
     prefix = _hf_prefix(state)
     vocab, width = _matrix(state, prefix + "embeddings.token_embedding.weight", what)
     context = _matrix(state, prefix + "embeddings.position_embedding.weight", what)[0]
     embed_dim = _matrix(state, HF_PROJECTION, what)[0] if HF_PROJECTION in state else 0
-    return TextArch(width, _blocks(state, prefix + "encoder.layers."), context, vocab, embed_dim)
+    return TextArch(width, count_indices(state, prefix + "encoder.layers."), context, vocab, embed_dim)
 
 
 def openclip_arch(state: dict[str, torch.Tensor], prefix: str = "", what: str = OPENCLIP_WHAT) -> TextArch:
@@ -90,7 +85,7 @@ def openclip_arch(state: dict[str, torch.Tensor], prefix: str = "", what: str = 
     vocab, width = _matrix(state, prefix + "token_embedding.weight", what)
     context = _matrix(state, prefix + "positional_embedding", what)[0]
     embed_dim = _matrix(state, prefix + "text_projection", what)[1] if prefix + "text_projection" in state else 0
-    return TextArch(width, _blocks(state, prefix + "transformer.resblocks."), context, vocab, embed_dim)
+    return TextArch(width, count_indices(state, prefix + "transformer.resblocks."), context, vocab, embed_dim)
 
 
 def native_arch(native: dict[str, torch.Tensor]) -> TextArch:
