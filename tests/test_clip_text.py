@@ -139,3 +139,6 @@ def test_tower_of_no_blocks_keeps_each_word_to_itself():
     torch.testing.assert_close(pooled[0], pooled[1])  # the end token's state knows nothing of the color
     assert torch.equal(pooled[0], states[0, eot] @ tower.text_projection)
     assert len(list(tower.transformer.parameters())) == 0
+    # A tower of no blocks has no penultimate layer; the module says so however its config was made.
+    with pytest.raises(ValueError, match="penultimate needs a tower of at least one block"):
+        TextEncoder(TextEncoderConfig(width=32, layers=0, heads=4, context_length=12, layer="penultimate"))

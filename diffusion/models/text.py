@@ -93,6 +93,9 @@ class TextEncoder(nn.Module):
         self.cfg = cfg
         embed_dim, text_cfg, quick_gelu = _tower_config(cfg)
         self.tower = build_text_tower(embed_dim, text_cfg, quick_gelu, what=f"text_encoder.arch: '{cfg.arch}'")
+        if cfg.layer == "penultimate" and not len(self.tower.transformer.resblocks):
+            # Also reached from a hand-edited pipeline.yaml or an arch of no blocks, which config.validate does not see.
+            raise ValueError("text_encoder.layer: penultimate needs a tower of at least one block; set it to last")
         self.activation = "quick_gelu" if quick_gelu else "gelu"
         self.context_length = self.tower.context_length
         self.width = self.tower.width
