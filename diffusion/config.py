@@ -295,6 +295,15 @@ class Config:
         )
 
 
+def check_text_layer(layer: str, blocks: int) -> None:
+    """text_encoder.layer against a tower of `blocks` blocks: the penultimate layer needs one to stop before.
+
+    TextEncoder checks it too, with the blocks it built, for an arch or a pipeline.yaml that validate never sees.
+    """
+    if layer == "penultimate" and blocks < 1:
+        raise ConfigError("text_encoder.layer: penultimate needs a tower of at least one block; set it to last")
+
+
 def validate(cfg: Config) -> None:
     """Cross-component checks that a single field's type cannot express."""
     from .registry import sampler
@@ -313,8 +322,7 @@ def validate(cfg: Config) -> None:
         )
     if cfg.text_encoder.layers < 0:
         raise ConfigError(f"text_encoder.layers must be >= 0 (0: token and position embeddings only), got {cfg.text_encoder.layers}")
-    if cfg.text_encoder.layer == "penultimate" and cfg.text_encoder.layers < 1:
-        raise ConfigError("text_encoder.layer: penultimate needs a tower of at least one block; set it to last")
+    check_text_layer(cfg.text_encoder.layer, cfg.text_encoder.layers)
     if cfg.data.resolution % cfg.vae.factor:
         raise ConfigError(f"data.resolution ({cfg.data.resolution}) must be divisible by the VAE factor {cfg.vae.factor}")
     validate_buckets(cfg)

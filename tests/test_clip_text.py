@@ -4,7 +4,7 @@ the same tensors by name and shape, the same initial weights from a seed, the sa
 import pytest
 import torch
 
-from diffusion.config import TextEncoderConfig
+from diffusion.config import ConfigError, TextEncoderConfig
 from diffusion.models import openclip_files
 from diffusion.models.clip_text import build_text_tower
 from diffusion.models.text import TextEncoder
@@ -140,5 +140,5 @@ def test_tower_of_no_blocks_keeps_each_word_to_itself():
     assert torch.equal(pooled[0], states[0, eot] @ tower.text_projection)
     assert len(list(tower.transformer.parameters())) == 0
     # A tower of no blocks has no penultimate layer; the module says so however its config was made.
-    with pytest.raises(ValueError, match="penultimate needs a tower of at least one block"):
+    with pytest.raises(ConfigError, match="penultimate needs a tower of at least one block"):  # one line, as the CLIs print it
         TextEncoder(TextEncoderConfig(width=32, layers=0, heads=4, context_length=12, layer="penultimate"))

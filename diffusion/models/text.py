@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..config import TextEncoderConfig
+from ..config import TextEncoderConfig, check_text_layer
 from ..io.weights import load_weights_file, load_state_dict_checked
 from . import openclip_files
 from .clip_text import build_text_tower
@@ -93,9 +93,7 @@ class TextEncoder(nn.Module):
         self.cfg = cfg
         embed_dim, text_cfg, quick_gelu = _tower_config(cfg)
         self.tower = build_text_tower(embed_dim, text_cfg, quick_gelu, what=f"text_encoder.arch: '{cfg.arch}'")
-        if cfg.layer == "penultimate" and not len(self.tower.transformer.resblocks):
-            # Also reached from a hand-edited pipeline.yaml or an arch of no blocks, which config.validate does not see.
-            raise ValueError("text_encoder.layer: penultimate needs a tower of at least one block; set it to last")
+        check_text_layer(cfg.layer, len(self.tower.transformer.resblocks))
         self.activation = "quick_gelu" if quick_gelu else "gelu"
         self.context_length = self.tower.context_length
         self.width = self.tower.width
