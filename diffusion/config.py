@@ -165,6 +165,8 @@ class VAETrainingConfig:
     max_steps: int = 1000
     batch_size: int = 16
     lr: float = 1e-4
+    # LDM's autoencoder setting: a short memory suits the PatchGAN term's moving target.
+    adam_betas: tuple[float, float] = (0.5, 0.9)
     warmup_steps: int = 0
     lr_schedule: Literal["constant", "cosine"] = "constant"
     rec_loss: Literal["l1", "l2"] = "l1"
@@ -203,6 +205,9 @@ class TrainingConfig:
     # torch.compile (inductor) of the trained modules: the U-Net and text encoder here, the VAE and its
     # discriminator in the VAE stage; auto: on a GPU only (diffusion.devices has the CPU figures).
     compile: Literal["no", "yes", "auto"] = "no"
+    # The trained modules' memory layout: channels_last (NHWC) or NCHW. auto: NCHW for fp32 on a CPU, where
+    # oneDNN's convolution and GroupNorm backward run faster on it; channels_last elsewhere (diffusion.devices).
+    channels_last: Literal["no", "yes", "auto"] = "auto"
     ema_decay: float = 0.9999
     ema_warmup: bool = True
     min_snr_gamma: Optional[float] = None

@@ -147,6 +147,17 @@ def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(reference, resu
 
 
 @pytest.mark.slow
+def test_vae_stage_trains_with_the_configs_adam_betas(data_dir, reference, tmp_path):
+    """vae_training.adam_betas reaches both optimizers of the VAE stage (the VAE's and the discriminator's)."""
+    out = tmp_path / "betas"
+    ok(train(data_dir, out, "--stage", "vae", "vae_training.adam_betas=[0.8,0.95]"))
+    state = torch.load(out / "vae" / "checkpoints" / "step-000004" / "state.pt", weights_only=False)
+    assert [tuple(g["betas"]) for o in state["optimizers"] for g in o["param_groups"]] == [(0.8, 0.95)] * 2
+    ref = torch.load(reference[0] / "vae" / "checkpoints" / "step-000004" / "state.pt", weights_only=False)
+    assert {tuple(g["betas"]) for o in ref["optimizers"] for g in o["param_groups"]} == {(0.5, 0.9)}  # LDM's default
+
+
+@pytest.mark.slow
 def test_corrupt_latest_checkpoint_is_skipped_for_the_previous_one(data_dir, reference, resumed):
     ref, _ = reference
     out, _ = resumed

@@ -30,8 +30,6 @@ from .loop import Run, Stage
 from .optim import adamw, lr_lambda
 from .order import ShardedOrder, epoch_loader
 
-VAE_ADAM_BETAS = (0.5, 0.9)  # LDM's autoencoder setting (GAN training likes a short memory)
-
 
 def vae_loss(x: torch.Tensor, x_rec: torch.Tensor, posterior, kind: str, kl_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(reconstruction loss, total loss) = (rec, rec + kl_weight·KL), per pixel.
@@ -82,15 +80,15 @@ class VAEStage(Stage):
         self.checkpoints, self.max_steps, self.checkpoint_every = self.root / "checkpoints", vc.max_steps, vc.checkpoint_every
         self.images_per_step, self.grad_clip = vc.batch_size * acc.num_processes, vc.grad_clip
         set_seed(cfg.seed)
-        self.vae = AutoencoderKL(cfg.vae).to(acc.device)
+        self.vae = run.layout(AutoencoderKL(cfg.vae).to(acc.device))
         self.params = list(self.vae.parameters())
-        self.optimizer = adamw(self.params, lr=vc.lr, betas=VAE_ADAM_BETAS, weight_decay=0.0)
+        self.optimizer = adamw(self.params, lr=vc.lr, betas=vc.adam_betas, weight_decay=0.0)
         self.scheduler = LambdaLR(self.optimizer, lr_lambda(vc.warmup_steps, vc.max_steps, vc.lr_schedule))
         self.vae_ddp, self.optimizer = acc.prepare(self.vae, self.optimizer)
         self.disc = None
         if vc.disc_start >= 0:  # the discriminator keeps a constant learning rate
             self.disc = PatchDiscriminator(n_layers=PatchDiscriminator.layers_for(cfg.data.resolution)).to(acc.device)
-            d_opt = adamw(self.disc.parameters(), lr=vc.lr, betas=VAE_ADAM_BETAS, weight_decay=0.0)
+            d_opt = adamw(self.disc.parameters(), lr=vc.lr, betas=vc.adam_betas, weight_decay=0.0)
             self.disc_ddp, self.d_opt = acc.prepare(self.disc, d_opt)
 
         self.generator = make_generator(acc, cfg.seed, stream=1)
