@@ -63,6 +63,44 @@ def test_auto_compile_is_on_for_gpus_only():
     assert devices.resolve_compile("yes", CPU).value == "yes"
 
 
+def test_auto_channels_last_trains_nchw_only_in_fp32_on_a_cpu():
+    assert devices.resolve_channels_last("auto", CPU, "no").value == "no"
+    assert devices.resolve_channels_last("auto", CPU, "bf16").value == "yes"
+    assert devices.resolve_channels_last("auto", torch.device("cuda"), "no").value == "yes"
+    assert devices.resolve_channels_last("yes", CPU, "no").value == "yes"
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_training_layout_changes_strides_not_results(channels_last):
+    """Run.layout puts the trained modules in the run's layout; a training step's loss and gradients
+    are the same in both, up to the order of floating-point sums."""
+    from diffusion.config import UNetConfig
+    from diffusion.models.unet import UNet
+    from diffusion.train.loop import Run
+
+    cfg = UNetConfig(in_channels=4, out_channels=4, model_channels=16, channel_mult=(1, 2), num_res_blocks=1,
+                     attention_levels=(1,), num_heads=2, context_dim=8, norm_groups=4)
+    torch.manual_seed(0)
+    ref, net = UNet(cfg), UNet(cfg)
+    with torch.no_grad():  # no zero-initialised output layers, so that every weight gets a gradient
+        for p in ref.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    net.load_state_dict(ref.state_dict())
+    Run(*[None] * 7, channels_last=channels_last).layout(net)
+    assert net.conv_in.weight.is_contiguous(memory_format=torch.channels_last) == channels_last
+    assert net.conv_in.weight.is_contiguous() != channels_last
+
+    x, t, ctx = torch.randn(2, 4, 8, 8), torch.tensor([3, 700]), torch.randn(2, 5, 8)
+    losses = []
+    for model in (ref, net):
+        loss = model(x, t, ctx).square().mean()
+        loss.backward()
+        losses.append(loss.item())
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    for (name, a), b in zip(ref.named_parameters(), net.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_config_takes_yaml_booleans_and_rejects_other_values():
     cfg = load_config(ROOT / "configs" / "tiny.yaml", ["training.compile=true", "training.mixed_precision=auto"])
     assert cfg.training.compile == "yes" and cfg.training.mixed_precision == "auto"

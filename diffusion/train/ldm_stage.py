@@ -155,6 +155,7 @@ class LDMStage(Stage):
         self.checkpoints, self.max_steps, self.checkpoint_every = run.out / "checkpoints", tc.max_steps, tc.checkpoint_every
         self.images_per_step, self.grad_clip = tc.batch_size * tc.grad_accum * acc.num_processes, tc.grad_clip
         self.pipe = pipe = self.build(run)
+        run.layout(pipe.unet)
         self.model = Denoiser(pipe.unet, pipe.text_encoder if self.text_trains else None).train()
         groups = self.param_groups()
         self.params = [p for g in groups for p in g["params"]]

@@ -43,6 +43,13 @@ class Run:
     resume: bool
     logger: MetricsLogger
     stop: StopRequest
+    channels_last: bool = True  # the trained modules' layout (training.channels_last)
+
+    def layout(self, module: torch.nn.Module) -> torch.nn.Module:
+        """The module in the run's memory layout (models are built channels_last)."""
+        if not self.channels_last:
+            module.to(memory_format=torch.contiguous_format)
+        return module
 
     @property
     def main(self) -> bool:

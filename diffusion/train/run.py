@@ -12,7 +12,7 @@ from accelerate.utils import TorchDynamoPlugin
 from ..config import Config, load_config, load_yaml, save_config, to_dict
 from ..data import DataError, ensure_shapes, index_folder
 from ..data.shards import is_shards, list_shards
-from ..devices import Choice, compiler_missing, quiet_compiler, resolve_compile, resolve_mixed_precision
+from ..devices import Choice, compiler_missing, quiet_compiler, resolve_channels_last, resolve_compile, resolve_mixed_precision
 from ..errors import TrainError, warn
 from ..pipeline import default_device
 from .loop import Run, run_loop
@@ -40,7 +40,8 @@ def train(config: str, overrides: list[str], stage: str = "all", resume: bool = 
             print(f"skipping the VAE stage: using {vae}", file=sys.stderr)
     index = load_data(cfg, accelerator)
     logger = MetricsLogger(out / "metrics.jsonl", accelerator, trackers=bool(accelerator.trackers))
-    run = Run(cfg, out, accelerator, index, resume, logger, StopRequest())
+    layout = resolve_channels_last(cfg.training.channels_last, accelerator.device, accelerator.mixed_precision)
+    run = Run(cfg, out, accelerator, index, resume, logger, StopRequest(), channels_last=layout.value == "yes")
     for name in stages:
         if not run_loop(run, stage_classes[name](run)):
             break
