@@ -18,7 +18,7 @@ from conftest import ROOT
 
 COLOR_CHANCE, POSITION_CHANCE = 1 / 6, 1 / 5  # six colors, five positions
 SEED = 3  # configs/shapes.yaml was tuned on seed 0
-STEPS, EVAL_EVERY = 200, 100
+STEPS, EVAL_EVERY = 300, 100
 
 # configs/shapes.yaml, scaled down: 16x16 images (4x4 latents), 512 of them, short stages. At this
 # size a step costs little more at batch 128 than at 32, so fewer, larger steps at a higher rate

@@ -58,13 +58,14 @@ def sharpen_attention(unet: torch.nn.Module, factor: float = 4.0) -> None:
                 attn.to_qkv.weight[: 2 * attn.to_qkv.out_features // 3].mul_(factor)
 
 
-@pytest.fixture(scope="module", params=["shapes", "tiny"])
+@pytest.fixture(scope="module", params=[("shapes",), ("tiny", "unet.attention_levels=[0,1]")], ids=["shapes", "tiny"])
 def native_model(request, tmp_path_factory) -> tuple[Pipeline, Path]:
-    """(the pipeline as loaded back, our model folder). shapes: f=4 VAE of 3 levels, attention at both U-Net
-    levels, linear betas, trailing spacing, DDIM to ᾱ = 1; tiny: f=2 VAE, leading spacing, DDIM to ᾱ_0.
-    Both: GroupNorms of 8 groups and a 16-token text context."""
-    folder = tmp_path_factory.mktemp(request.param) / "model"
-    random_pipeline(request.param).save(folder)
+    """(the pipeline as loaded back, our model folder). shapes: f=4 VAE of 3 levels (16, 16, 32 channels),
+    attention at the second U-Net level only, linear betas, trailing spacing, DDIM to ᾱ = 1; tiny: f=2 VAE,
+    attention at both U-Net levels, leading spacing, DDIM to ᾱ_0. Both: GroupNorms of 8 groups and a
+    16-token text context."""
+    folder = tmp_path_factory.mktemp(request.param[0]) / "model"
+    random_pipeline(*request.param).save(folder)
     return load_pipeline(folder, device="cpu"), folder
 
 
