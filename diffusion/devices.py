@@ -69,7 +69,8 @@ def resolve_channels_last(setting: str, device: torch.device, precision: str) ->
     The models are built channels_last, which every bf16 path and GPU wants (on a CPU without bf16 hardware
     the NCHW bf16 convolutions run about 3x slower). But fp32 training on a CPU spends most of its time
     in the convolutions' and GroupNorms' backward passes, and oneDNN runs those faster in NCHW: on a 2-core
-    AMD EPYC the quick start's training steps took 8-10% less time (U-Net) and 4-19% less (VAE shapes).
+    AMD EPYC at one thread the quick start's VAE step took 4-30% less time and its U-Net step 0-8% less;
+    at two threads the layouts were within noise of each other.
     """
     if setting != "auto":
         return Choice(setting, "set in the config")
