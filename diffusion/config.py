@@ -206,7 +206,7 @@ class TrainingConfig:
     # discriminator in the VAE stage; auto: on a GPU only (diffusion.devices has the CPU figures).
     compile: Literal["no", "yes", "auto"] = "no"
     # The trained modules' memory layout: channels_last (NHWC) or NCHW. auto: NCHW for fp32 on a CPU, where
-    # oneDNN's convolution and GroupNorm backward run faster on it; channels_last elsewhere (diffusion.devices).
+    # oneDNN's convolution and GroupNorm backward passes ran faster in it; channels_last elsewhere (diffusion.devices).
     channels_last: Literal["no", "yes", "auto"] = "auto"
     ema_decay: float = 0.9999
     ema_warmup: bool = True
