@@ -11,6 +11,8 @@ from typing import Callable
 import torch
 from torch.utils import flop_counter
 
+from diffusion.models import cpu_attention
+
 
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -59,7 +61,9 @@ def matmul_peaks(device: torch.device, quick: bool) -> dict[str, float]:
 
 
 def register_cpu_attention_flops() -> None:
-    """flop_counter knows the CUDA attention kernels but not the CPU one SDPA picks: count it alike."""
+    """flop_counter knows the CUDA attention kernels but not the CPU one SDPA picks, nor ours
+    (diffusion.models.cpu_attention): count them alike."""
+    cpu_attention.register_flop_formulas()
     aten = torch.ops.aten
     fwd, bwd = aten._scaled_dot_product_flash_attention_for_cpu, aten._scaled_dot_product_flash_attention_for_cpu_backward
     if fwd in flop_counter.flop_registry:

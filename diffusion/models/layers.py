@@ -9,6 +9,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from diffusion.models import cpu_attention
+
 
 def zero_module(module: nn.Module) -> nn.Module:
     """Zero a layer's parameters so that a residual branch starts as the identity (as LDM does)."""
@@ -100,7 +102,11 @@ class Upsample(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head attention through SDPA. Self-attention uses one fused QKV projection."""
+    """Multi-head attention. Self-attention uses one fused QKV projection.
+
+    fp32 on the CPU with heads 8 to 32 wide runs diffusion.models.cpu_attention's kernel; everything
+    else runs PyTorch's scaled_dot_product_attention. Both compute the same exact softmax attention.
+    """
 
     def __init__(self, dim: int, heads: int, context_dim: int | None = None, bias: bool = False):
         super().__init__()
@@ -113,6 +119,10 @@ class Attention(nn.Module):
         else:
             self.to_qkv = nn.Linear(dim, 3 * dim, bias=bias)
         self.to_out = nn.Linear(dim, dim)
+        if dim // heads in cpu_attention.HEAD_DIMS:
+            # Built (once per machine) and loaded here rather than on the first call, which may be
+            # inside a torch.compile trace, where nothing can be built.
+            cpu_attention.library()
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         # x: (B, N, C); context: (B, M, C_ctx)
@@ -121,10 +131,13 @@ class Attention(nn.Module):
             k, v = self.to_kv(context).chunk(2, dim=-1)
         else:
             q, k, v = self.to_qkv(x).chunk(3, dim=-1)
-        q, k, v = (rearrange(a, "b n (h d) -> b h n d", h=self.heads) for a in (q, k, v))
-        # SDPA forms q·kᵀ and the softmax in fp32 for fp16 inputs, where SD 2.x's attention would overflow.
-        out = F.scaled_dot_product_attention(q, k, v)  # (B, h, N, d)
-        return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
+        q, k, v = (rearrange(a, "b n (h d) -> b n h d", h=self.heads) for a in (q, k, v))  # views
+        if cpu_attention.applies(q, k):
+            out = cpu_attention.attention(q, k, v)  # (B, N, h, d), contiguous
+        else:
+            # SDPA forms q·kᵀ and the softmax in fp32 for fp16 inputs, where SD 2.x's attention would overflow.
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+        return self.to_out(out.flatten(2))
 
 
 class GEGLU(nn.Module):
