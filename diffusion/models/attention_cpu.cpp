@@ -106,19 +106,23 @@ void forward_rows(const float* q, Strides sq, float* out, Strides so, float* lse
     float* s[R];
     for (int r = 0; r < R; ++r) { qr[r] = row(q, sq, b, h, i + r); s[r] = buf + (size_t)r * Mp; }
     scores<R>(qr, Kt, D, M, Mp, scale, s);
+    // The R rows' softmaxes side by side: each exp is a long chain of dependent operations, and R
+    // independent ones per step keep the vector units busy. Each row's arithmetic is as if alone.
+    f8 vmax[R], vsum[R], m[R];
+    for (int r = 0; r < R; ++r) vmax[r] = splat(-INFINITY);
+    for (int j = 0; j < Mp; j += W)
+        for (int r = 0; r < R; ++r) { f8 x = load(s[r] + j); vmax[r] = x > vmax[r] ? x : vmax[r]; }
+    for (int r = 0; r < R; ++r) { m[r] = splat(hmax(vmax[r])); vsum[r] = splat(0.0f); }
+    for (int j = 0; j < Mp; j += W)
+        for (int r = 0; r < R; ++r) {
+            f8 p = exp8(load(s[r] + j) - m[r]);
+            store(s[r] + j, p);
+            vsum[r] += p;
+        }
     float l[R];
     for (int r = 0; r < R; ++r) {
-        f8 vmax = splat(-INFINITY);
-        for (int j = 0; j < Mp; j += W) { f8 x = load(s[r] + j); vmax = x > vmax ? x : vmax; }
-        const float m = hmax(vmax);
-        f8 vsum = splat(0.0f);
-        for (int j = 0; j < Mp; j += W) {
-            f8 p = exp8(load(s[r] + j) - splat(m));
-            store(s[r] + j, p);
-            vsum += p;
-        }
-        l[r] = hsum(vsum);
-        lse[i + r] = m + std::log(l[r]);
+        l[r] = hsum(vsum[r]);
+        lse[i + r] = m[r][0] + std::log(l[r]);
     }
     f8 acc[R][DV];
     for (int r = 0; r < R; ++r)
