@@ -108,6 +108,10 @@ def test_where_the_kernel_does_not_apply():
     assert not cpu_attention.applies(odd, odd)
     with pytest.raises(ValueError, match="heads"):
         cpu_attention.attention(odd, odd, odd)
+    with pytest.raises(ValueError, match="fp32"):
+        cpu_attention.attention(q.double(), q.double(), q.double())
+    with pytest.raises(ValueError, match=r"\(B, N, H, D\)"):
+        cpu_attention.attention(q, q[:, :, :1], q)
 
 
 def test_compiled_layer_calls_the_kernel_without_graph_breaks():
