@@ -96,6 +96,23 @@ inline void scores(const float* const* q, const float* Kt, int D, int M, int Mp,
         for (int j = M; j < Mp; ++j) s[r][j] = -INFINITY;
 }
 
+// acc[r] = sum over j < M of w[r][j] * X[j], for R weight rows at once over the contiguous rows X[j]
+// of D = 8 DV floats, each loaded once for all R: P V in the forward pass, dS K in the backward.
+template <int R, int DV>
+inline void weighted_rows(const float* const* w, const float* X, int M, f8 (&acc)[R][DV]) {
+    constexpr int D = DV * W;
+    for (int r = 0; r < R; ++r)
+        for (int d = 0; d < DV; ++d) acc[r][d] = splat(0.0f);
+    for (int j = 0; j < M; ++j) {
+        f8 xj[DV];
+        for (int d = 0; d < DV; ++d) xj[d] = load(X + (size_t)j * D + d * W);
+        for (int r = 0; r < R; ++r) {
+            const f8 wj = splat(w[r][j]);
+            for (int d = 0; d < DV; ++d) acc[r][d] += wj * xj[d];
+        }
+    }
+}
+
 // Forward for R query rows starting at i: softmax of the scores, then the probabilities times the
 // value rows, DV vectors of 8 per row (D = 8 DV).
 template <int R, int DV>
@@ -125,16 +142,7 @@ void forward_rows(const float* q, Strides sq, float* out, Strides so, float* lse
         lse[i + r] = m[r][0] + std::log(l[r]);
     }
     f8 acc[R][DV];
-    for (int r = 0; r < R; ++r)
-        for (int d = 0; d < DV; ++d) acc[r][d] = splat(0.0f);
-    for (int j = 0; j < M; ++j) {
-        f8 vj[DV];
-        for (int d = 0; d < DV; ++d) vj[d] = load(Vr + (size_t)j * D + d * W);
-        for (int r = 0; r < R; ++r) {
-            const f8 p = splat(s[r][j]);
-            for (int d = 0; d < DV; ++d) acc[r][d] += p * vj[d];
-        }
-    }
+    weighted_rows<R, DV>(s, Vr, M, acc);
     for (int r = 0; r < R; ++r) {
         float* o = row(out, so, b, h, i + r);
         for (int d = 0; d < DV; ++d) store(o + d * W, acc[r][d] / splat(l[r]));
@@ -189,16 +197,7 @@ void backward_rows(const float* q, Strides sq, const float* out, Strides so, con
         }
     }
     f8 acc[R][DV];
-    for (int r = 0; r < R; ++r)
-        for (int d = 0; d < DV; ++d) acc[r][d] = splat(0.0f);
-    for (int j = 0; j < M; ++j) {
-        f8 kj[DV];
-        for (int d = 0; d < DV; ++d) kj[d] = load(Kr + (size_t)j * D + d * W);
-        for (int r = 0; r < R; ++r) {
-            const f8 dsj = splat(ds[r][j]);
-            for (int d = 0; d < DV; ++d) acc[r][d] += dsj * kj[d];
-        }
-    }
+    weighted_rows<R, DV>(ds, Kr, M, acc);
     for (int r = 0; r < R; ++r) {
         float* dqi = row(dq, sdq, b, h, i + r);
         for (int d = 0; d < DV; ++d) store(dqi + d * W, acc[r][d]);

@@ -139,25 +139,28 @@ _lib.define("cpu_attention_backward(Tensor dout, Tensor q, Tensor k, Tensor v, T
             " -> (Tensor, Tensor, Tensor)")
 
 
-def _validate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-    """The kernel reads raw fp32 memory: anything else must stop here, with what to use instead."""
-    if library() is None:
+def _kernels_for(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> ctypes.CDLL:
+    """The library, for tensors it can take. The kernel reads raw fp32 memory: anything else must
+    stop here, with what to use instead."""
+    lib = library()
+    if lib is None:
         raise RuntimeError("the CPU attention kernel is not available here; use F.scaled_dot_product_attention")
     if any(t.dtype != torch.float32 for t in (q, k, v)):
         raise ValueError(f"the CPU attention kernel takes fp32 tensors, not {q.dtype}, {k.dtype}, {v.dtype}")
     if q.dim() != 4 or k.shape != v.shape or k.dim() != 4 or (q.shape[0], *q.shape[2:]) != (k.shape[0], *k.shape[2:]):
         raise ValueError(f"the CPU attention kernel takes q (B, N, H, D) and k, v (B, M, H, D); got "
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    return lib
 
 
 def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    _validate(q, k, v)
+    lib = _kernels_for(q, k, v)
     q, k, v = _rows(q), _rows(k), _rows(v)
     B, N, H, D = q.shape
     M = k.shape[1]
     out = torch.empty(B, N, H, D)
     lse = torch.empty(B, H, N)
-    _check(library().attention_forward(
+    _check(lib.attention_forward(
         q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(), B, H, N, M, D,
         *_strides(q), *_strides(k), *_strides(v), *_strides(out), scale, torch.get_num_threads()))
     return out, lse
