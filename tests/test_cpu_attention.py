@@ -47,7 +47,7 @@ def test_forward_and_gradients_match_exact_attention(B, N, M, H, D):
 
 
 def test_peaked_softmax_underflows_to_exact_zeros_not_nans():
-    # Scores spread over hundreds: most probabilities are far below exp(-87), the kernel's cut-off.
+    # Scores spread over hundreds: most probabilities are far below 2^-127 = exp(-88), the kernel's cut-off.
     q, k, v = inputs(2, 12, 40, 2, 8, scale=12.0)
     out = cpu_attention.attention(q, k, v)
     assert torch.isfinite(out).all()
@@ -98,10 +98,35 @@ def test_attention_layer_uses_the_kernel_where_it_applies_and_matches_sdpa(D):
     torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_inputs_are_computed_in_fp32_and_rounded_back(dtype):
+    q, k, v = (t.detach().to(dtype).requires_grad_() for t in inputs(2, 37, 77, 2, 8))
+    assert cpu_attention.applies(q, k)
+    out = cpu_attention.attention(q, k, v)
+    assert out.dtype == dtype
+    # Exact attention of the rounded inputs, rounded once: as close as the output format allows.
+    torch.testing.assert_close(out, reference(q, k, v).to(dtype), rtol=0, atol=torch.finfo(dtype).eps)
+    out.float().sum().backward()
+    assert all(t.grad.dtype == dtype and torch.isfinite(t.grad).all() for t in (q, k, v))
+
+
+def test_attention_layer_under_bf16_autocast_runs_the_kernel(monkeypatch):
+    torch.manual_seed(0)
+    layer = Attention(64, heads=8, context_dim=16)
+    x, context = torch.randn(2, 30, 64), torch.randn(2, 7, 16)
+    calls = []
+    original = cpu_attention.attention
+    monkeypatch.setattr(cpu_attention, "attention", lambda *a: calls.append(a[0].dtype) or original(*a))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x, context)
+    assert calls == [torch.bfloat16, torch.float32] and out.dtype == torch.bfloat16  # bf16 in, fp32 inside
+    torch.testing.assert_close(out.float(), layer(x, context), rtol=0.05, atol=0.02)
+
+
 def test_where_the_kernel_does_not_apply():
     q = torch.randn(1, 4, 2, 8)
-    assert not cpu_attention.applies(q.bfloat16(), q.bfloat16())  # not fp32
     assert not cpu_attention.applies(q.double(), q.double())
+    assert not cpu_attention.applies(q.bfloat16(), q)  # mixed dtypes
     wide = torch.randn(1, 4, 2, 64)
     assert not cpu_attention.applies(wide, wide)  # SD's 40-160-wide heads keep SDPA
     odd = torch.randn(1, 4, 2, 12)

@@ -3,9 +3,10 @@
 //
 // Each (batch, head) pair is one task, run start to end by one thread: results do not depend on the
 // number of threads, and the backward pass accumulates dK and dV without atomics. Within a task the
-// keys and values are transposed to (D, M) so that every inner loop runs along the M keys, eight at a
-// time, whatever the head width D. The score row is kept whole (M floats), so the softmax is the
-// two-pass one (max, then exp and sum) and the backward pass recomputes it from the saved logsumexp.
+// keys (and for 8-wide heads the values) are transposed to (D, M) so that the inner loops run along the
+// M keys, eight at a time, whatever the head width D. The score row is kept whole (M floats), so the
+// softmax is the two-pass one (max, then exp and sum), in base 2 with scale log2(e) folded into q as in
+// FlashAttention-2; the backward pass recomputes it from the saved logsumexp.
 //
 // Built by diffusion/models/cpu_attention.py with g++ -O3 -march=native -fopenmp; called through ctypes.
 
@@ -27,32 +28,32 @@ inline f8 splat(float x) { return f8{x, x, x, x, x, x, x, x}; }
 inline float hsum(f8 v) { float s = 0; for (int i = 0; i < W; ++i) s += v[i]; return s; }
 inline float hmax(f8 v) { float m = v[0]; for (int i = 1; i < W; ++i) m = v[i] > m ? v[i] : m; return m; }
 
-// exp(x) for x <= 0, as Cephes' expf computes it: x = n ln2 + r with n = round(x / ln2) and |r| <= ln2/2
-// (ln 2 in two parts, so r is exact), a degree-5 minimax polynomial for exp(r), then 2^n put into the
-// exponent bits. Adding 1.5 * 2^23 rounds to the nearest integer and leaves n in the low mantissa bits.
-// Relative error under 2e-7; exp(x) = 0 below -87.3, where 2^n would leave the normal range.
-inline f8 exp8(f8 x) {
-    const f8 lo = splat(-87.3365447505f), magic = splat(12582912.0f);
-    const i8 under = x < lo;
-    x = x < lo ? lo : x;
-    const f8 shifted = x * splat(1.44269504088896341f) + magic;
-    const f8 n = shifted - magic;
-    x = x - n * splat(0.693359375f) - n * splat(-2.12194440e-4f);
-    f8 y = splat(1.9875691500e-4f);
-    y = y * x + splat(1.3981999507e-3f);
-    y = y * x + splat(8.3334519073e-3f);
-    y = y * x + splat(4.1665795894e-2f);
-    y = y * x + splat(1.6666665459e-1f);
-    y = y * x + splat(5.0000001201e-1f);
-    y = y * x * x + x + splat(1.0f);
+// 2^x for x <= 0, as Cephes' exp2f computes it: x = n + f with n = round(x) and |f| <= 1/2, then
+// 2^f = 1 + f P(f) with a degree-5 minimax P, times 2^n put into the exponent bits. Adding
+// 1.5 * 2^23 + 127 rounds x to an integer and leaves n + 127, the biased exponent, in the low bits;
+// shifting them up by 23 makes 2^n. Below -127 the exponent is 0 and so is the result, without a
+// compare: -inf (the padding) and underflow both give exactly 0. Relative error under 2e-7.
+inline f8 exp2_8(f8 x) {
+    const f8 magic = splat(12583039.0f);  // 1.5 * 2^23 + 127
+    x = x > splat(-127.0f) ? x : splat(-127.0f);
+    const f8 shifted = x + magic;
+    const f8 f = x - (shifted - magic);
+    f8 y = splat(1.535336188319500e-4f);
+    y = y * f + splat(1.339887440266574e-3f);
+    y = y * f + splat(9.618437357674640e-3f);
+    y = y * f + splat(5.550332471162809e-2f);
+    y = y * f + splat(2.402264791363012e-1f);
+    y = y * f + splat(6.931472028550421e-1f);
+    y = y * f + splat(1.0f);
     i8 bits;
     std::memcpy(&bits, &shifted, sizeof bits);
-    bits = (bits - 0x4B400000 + 127) << 23;  // 0x4B400000: the bits of 1.5 * 2^23
+    bits <<= 23;
     f8 pow2;
     std::memcpy(&pow2, &bits, sizeof pow2);
-    const f8 r = y * pow2;
-    return under ? splat(0.0f) : r;
+    return y * pow2;
 }
+
+constexpr float LOG2E = 1.44269504088896341f, LN2 = 0.693147180559945309f;
 
 struct Strides { int64_t b, n, h; };  // element strides of a (B, N, H, D) tensor whose D stride is 1
 
@@ -79,82 +80,147 @@ float* alloc(size_t n) {
     return static_cast<float*>(p);
 }
 
-// s_r[j] = scale * q_r . k_j for R query rows at once (each key column is loaded once for all R), and
-// -inf on the padding from M to Mp.
-template <int R>
-inline void scores(const float* const* q, const float* Kt, int D, int M, int Mp, float scale, float* const* s) {
-    for (int j = 0; j < Mp; j += W) {
-        f8 acc[R];
-        for (int r = 0; r < R; ++r) acc[r] = splat(0.0f);
-        for (int c = 0; c < D; ++c) {
-            const f8 kc = load(Kt + c * Mp + j);
-            for (int r = 0; r < R; ++r) acc[r] += splat(q[r][c]) * kc;
+// s_r[j..j + 8U) = q_r . k_j for R query rows and U blocks of 8 keys: each key vector loaded once
+// serves all R rows, each broadcast query value all U blocks.
+template <int U, int R>
+inline void score_blocks(const float* const* q, const float* Kt, int D, int Mp, int j, float* const* s) {
+    f8 acc[U][R];
+    for (int u = 0; u < U; ++u)
+        for (int r = 0; r < R; ++r) acc[u][r] = splat(0.0f);
+    for (int c = 0; c < D; ++c) {
+        f8 kc[U];
+        for (int u = 0; u < U; ++u) kc[u] = load(Kt + c * Mp + j + u * W);
+        for (int r = 0; r < R; ++r) {
+            const f8 qc = splat(q[r][c]);
+            for (int u = 0; u < U; ++u) acc[u][r] += qc * kc[u];
         }
-        for (int r = 0; r < R; ++r) store(s[r] + j, acc[r] * splat(scale));
     }
-    for (int r = 0; r < R; ++r)
-        for (int j = M; j < Mp; ++j) s[r][j] = -INFINITY;
+    for (int u = 0; u < U; ++u)
+        for (int r = 0; r < R; ++r) store(s[r] + j + u * W, acc[u][r]);
 }
 
-// acc[r] = sum over j < M of w[r][j] * X[j], for R weight rows at once over the contiguous rows X[j]
-// of D = 8 DV floats, each loaded once for all R: P V in the forward pass, dS K in the backward.
-template <int R, int DV>
-inline void weighted_rows(const float* const* w, const float* X, int M, f8 (&acc)[R][DV]) {
-    constexpr int D = DV * W;
+// s_r[j] = q_r . k_j for R rows along all keys, and `pad` from M to Mp.
+template <int R>
+inline void scores(const float* const* q, const float* Kt, int D, int M, int Mp, float* const* s, float pad) {
+    constexpr int U = R >= 8 ? 1 : 8 / R;  // 8 independent sums hide the FMA latency
+    int j = 0;
+    for (; j + U * W <= Mp; j += U * W) score_blocks<U, R>(q, Kt, D, Mp, j, s);
+    for (; j < Mp; j += W) score_blocks<1, R>(q, Kt, D, Mp, j, s);
     for (int r = 0; r < R; ++r)
-        for (int d = 0; d < DV; ++d) acc[r][d] = splat(0.0f);
-    for (int j = 0; j < M; ++j) {
+        for (int j = M; j < Mp; ++j) s[r][j] = pad;
+}
+
+// part[u][r] += w[r][j + u] * X[j + u] for U keys: each row X[j] (D = 8 DV floats) loaded once for all R.
+template <int U, int R, int DV>
+inline void add_weighted(const float* const* w, const float* X, int j, f8 (&part)[2][R][DV]) {
+    for (int u = 0; u < U; ++u) {
         f8 xj[DV];
-        for (int d = 0; d < DV; ++d) xj[d] = load(X + (size_t)j * D + d * W);
+        for (int d = 0; d < DV; ++d) xj[d] = load(X + (size_t)(j + u) * DV * W + d * W);
         for (int r = 0; r < R; ++r) {
-            const f8 wj = splat(w[r][j]);
-            for (int d = 0; d < DV; ++d) acc[r][d] += wj * xj[d];
+            const f8 wj = splat(w[r][j + u]);
+            for (int d = 0; d < DV; ++d) part[u][r][d] += wj * xj[d];
         }
     }
+}
+
+// acc[r] = sum over j < M of w[r][j] * X[j], for R weight rows at once over the contiguous rows X[j]:
+// P V in the forward pass and dS K in the backward, for heads 16 to 32 wide.
+template <int R, int DV>
+inline void weighted_rows(const float* const* w, const float* X, int M, f8 (&acc)[R][DV]) {
+    constexpr int U = R * DV >= 8 ? 1 : 2;  // keys per step, each with its own sums: 8 chains hide the FMA latency
+    f8 part[2][R][DV];
+    for (int u = 0; u < 2; ++u)
+        for (int r = 0; r < R; ++r)
+            for (int d = 0; d < DV; ++d) part[u][r][d] = splat(0.0f);
+    int j = 0;
+    for (; j + U <= M; j += U) add_weighted<U, R, DV>(w, X, j, part);
+    for (; j < M; ++j) add_weighted<1, R, DV>(w, X, j, part);
+    for (int r = 0; r < R; ++r)
+        for (int d = 0; d < DV; ++d) acc[r][d] = part[0][r][d] + part[1][r][d];
+}
+
+// The eight vectors' horizontal sums as one vector: out[d] = sum of a[d]'s lanes.
+inline f8 sum_lanes(const f8 (&a)[W]) {
+    f8 b[4], c[2];
+    for (int k = 0; k < 4; ++k)
+        b[k] = __builtin_shufflevector(a[2 * k], a[2 * k + 1], 0, 8, 2, 10, 4, 12, 6, 14) +
+               __builtin_shufflevector(a[2 * k], a[2 * k + 1], 1, 9, 3, 11, 5, 13, 7, 15);
+    for (int k = 0; k < 2; ++k)
+        c[k] = __builtin_shufflevector(b[2 * k], b[2 * k + 1], 0, 1, 8, 9, 4, 5, 12, 13) +
+               __builtin_shufflevector(b[2 * k], b[2 * k + 1], 2, 3, 10, 11, 6, 7, 14, 15);
+    return __builtin_shufflevector(c[0], c[1], 0, 1, 2, 3, 8, 9, 10, 11) +
+           __builtin_shufflevector(c[0], c[1], 4, 5, 6, 7, 12, 13, 14, 15);
 }
 
 // Forward for R query rows starting at i: softmax of the scores, then the probabilities times the
-// value rows, DV vectors of 8 per row (D = 8 DV).
+// values V, DV vectors of 8 per row (D = 8 DV): V is (8, Mp), transposed, for DV = 1, else (M, D) rows.
 template <int R, int DV>
 void forward_rows(const float* q, Strides sq, float* out, Strides so, float* lse, int b, int h, int i,
-                  const float* Kt, const float* Vr, int M, int Mp, float scale, float* buf) {
+                  const float* Kt, const float* V, int M, int Mp, float scale, float* buf) {
     constexpr int D = DV * W;
+    // The scores come out in log2 units (scale log2(e) folded into q), for exp2.
+    float qs[R][D];
     const float* qr[R];
     float* s[R];
-    for (int r = 0; r < R; ++r) { qr[r] = row(q, sq, b, h, i + r); s[r] = buf + (size_t)r * Mp; }
-    scores<R>(qr, Kt, D, M, Mp, scale, s);
-    // The R rows' softmaxes side by side: each exp is a long chain of dependent operations, and R
-    // independent ones per step keep the vector units busy. Each row's arithmetic is as if alone.
-    f8 vmax[R], vsum[R], m[R];
+    for (int r = 0; r < R; ++r) {
+        const float* qi = row(q, sq, b, h, i + r);
+        for (int c = 0; c < D; ++c) qs[r][c] = qi[c] * (scale * LOG2E);
+        qr[r] = qs[r];
+        s[r] = buf + (size_t)r * Mp;
+    }
+    scores<R>(qr, Kt, D, M, Mp, s, -INFINITY);
+    f8 vmax[R], m[R];
     for (int r = 0; r < R; ++r) vmax[r] = splat(-INFINITY);
     for (int j = 0; j < Mp; j += W)
         for (int r = 0; r < R; ++r) { f8 x = load(s[r] + j); vmax[r] = x > vmax[r] ? x : vmax[r]; }
-    for (int r = 0; r < R; ++r) { m[r] = splat(hmax(vmax[r])); vsum[r] = splat(0.0f); }
-    for (int j = 0; j < Mp; j += W)
+    for (int r = 0; r < R; ++r) m[r] = splat(hmax(vmax[r]));
+    if constexpr (DV == 1) {
+        // Heads 8 wide: each row's probabilities go straight into its eight column sums against the
+        // transposed values V (8, Mp), without a trip through memory. Eight independent sums, one
+        // product each per step, keep both FMA units busy while the next exp is computed.
         for (int r = 0; r < R; ++r) {
-            f8 p = exp8(load(s[r] + j) - m[r]);
-            store(s[r] + j, p);
-            vsum[r] += p;
+            f8 acc[W], vsum = splat(0.0f);
+            for (int d = 0; d < W; ++d) acc[d] = splat(0.0f);
+            for (int j = 0; j < Mp; j += W) {
+                const f8 p = exp2_8(load(s[r] + j) - m[r]);
+                vsum += p;
+                for (int d = 0; d < W; ++d) acc[d] += p * load(V + (size_t)d * Mp + j);
+            }
+            const float l = hsum(vsum);
+            lse[i + r] = (m[r][0] + std::log2(l)) * LN2;
+            store(row(out, so, b, h, i + r), sum_lanes(acc) / splat(l));
         }
-    float l[R];
-    for (int r = 0; r < R; ++r) {
-        l[r] = hsum(vsum[r]);
-        lse[i + r] = m[r][0] + std::log(l[r]);
-    }
-    f8 acc[R][DV];
-    weighted_rows<R, DV>(s, Vr, M, acc);
-    for (int r = 0; r < R; ++r) {
-        float* o = row(out, so, b, h, i + r);
-        for (int d = 0; d < DV; ++d) store(o + d * W, acc[r][d] / splat(l[r]));
+    } else {
+        // The R rows' softmaxes side by side: each exp is a long chain of dependent operations, and R
+        // independent ones per step keep the vector units busy. Each row's arithmetic is as if alone.
+        f8 vsum[R];
+        for (int r = 0; r < R; ++r) vsum[r] = splat(0.0f);
+        for (int j = 0; j < Mp; j += W)
+            for (int r = 0; r < R; ++r) {
+                f8 p = exp2_8(load(s[r] + j) - m[r]);
+                store(s[r] + j, p);
+                vsum[r] += p;
+            }
+        float l[R];
+        for (int r = 0; r < R; ++r) {
+            l[r] = hsum(vsum[r]);
+            lse[i + r] = (m[r][0] + std::log2(l[r])) * LN2;
+        }
+        f8 acc[R][DV];
+        weighted_rows<R, DV>(s, V, M, acc);
+        for (int r = 0; r < R; ++r) {
+            float* o = row(out, so, b, h, i + r);
+            for (int d = 0; d < DV; ++d) store(o + d * W, acc[r][d] / splat(l[r]));
+        }
     }
 }
 
-// Backward for R query rows starting at i: recompute the probabilities from lse, then
-// dS = P (dO Vᵀ - rowsum(dO O)) scale; dQ = dS K; dK += dSᵀ Q; dV += Pᵀ dO.
+// Backward for R query rows starting at i: recompute the probabilities from lse into the rows P,
+// dS = P (dO Vᵀ - rowsum(dO O)) scale into the rows dS, and dQ = dS K.
 template <int R, int DV>
 void backward_rows(const float* q, Strides sq, const float* out, Strides so, const float* dout, Strides sg,
                    const float* lse, float* dq, Strides sdq, int b, int h, int i, const float* Kt, const float* Vt,
-                   const float* Kr, float* dKt, float* dVt, int M, int Mp, float scale, float* buf) {
+                   const float* Kr, float* P, float* dS, int M, int Mp, float scale) {
     constexpr int D = DV * W;
     const float *qr[R], *gr[R];
     float *p[R], *ds[R];
@@ -163,48 +229,84 @@ void backward_rows(const float* q, Strides sq, const float* out, Strides so, con
         qr[r] = row(q, sq, b, h, i + r);
         gr[r] = row(dout, sg, b, h, i + r);
         const float* o = row(out, so, b, h, i + r);
-        p[r] = buf + (size_t)(2 * r) * Mp;
-        ds[r] = buf + (size_t)(2 * r + 1) * Mp;
+        p[r] = P + (size_t)r * Mp;
+        ds[r] = dS + (size_t)r * Mp;
         delta[r] = 0;
         for (int c = 0; c < D; ++c) delta[r] += gr[r][c] * o[c];
     }
-    scores<R>(qr, Kt, D, M, Mp, scale, p);
-    for (int j = 0; j < Mp; j += W) {
-        f8 dp[R];
-        for (int r = 0; r < R; ++r) dp[r] = splat(0.0f);
-        for (int c = 0; c < D; ++c) {
-            const f8 vc = load(Vt + c * Mp + j);
-            for (int r = 0; r < R; ++r) dp[r] += splat(gr[r][c]) * vc;
-        }
-        for (int r = 0; r < R; ++r) {
-            const f8 pj = exp8(load(p[r] + j) - splat(lse[i + r]));
-            store(p[r] + j, pj);
-            store(ds[r] + j, pj * (dp[r] - splat(delta[r])) * splat(scale));
-        }
-    }
-    // dK and dV, accumulated along the keys for all R rows at once.
-    for (int c = 0; c < D; ++c) {
-        float* dk_c = dKt + c * Mp;
-        float* dv_c = dVt + c * Mp;
-        for (int j = 0; j < Mp; j += W) {
-            f8 dk = load(dk_c + j), dv = load(dv_c + j);
-            for (int r = 0; r < R; ++r) {
-                dk += load(ds[r] + j) * splat(qr[r][c]);
-                dv += load(p[r] + j) * splat(gr[r][c]);
-            }
-            store(dk_c + j, dk);
-            store(dv_c + j, dv);
-        }
-    }
-    f8 acc[R][DV];
-    weighted_rows<R, DV>(ds, Kr, M, acc);
+    float qs[R][D];
+    const float* qsr[R];
     for (int r = 0; r < R; ++r) {
-        float* dqi = row(dq, sdq, b, h, i + r);
-        for (int d = 0; d < DV; ++d) store(dqi + d * W, acc[r][d]);
+        for (int c = 0; c < D; ++c) qs[r][c] = qr[r][c] * (scale * LOG2E);
+        qsr[r] = qs[r];
+    }
+    scores<R>(qsr, Kt, D, M, Mp, p, -INFINITY);
+    scores<R>(gr, Vt, D, M, Mp, ds, 0.0f);  // dP = dO Vᵀ, in place of dS
+    if constexpr (DV == 1) {
+        // Heads 8 wide: each row's dS goes straight into its eight column sums against Kᵀ, as in the forward.
+        for (int r = 0; r < R; ++r) {
+            f8 acc[W];
+            for (int c = 0; c < W; ++c) acc[c] = splat(0.0f);
+            for (int j = 0; j < Mp; j += W) {
+                const f8 pj = exp2_8(load(p[r] + j) - splat(lse[i + r] * LOG2E));
+                const f8 dsj = pj * (load(ds[r] + j) - splat(delta[r])) * splat(scale);
+                store(p[r] + j, pj);
+                store(ds[r] + j, dsj);
+                for (int c = 0; c < W; ++c) acc[c] += dsj * load(Kt + (size_t)c * Mp + j);
+            }
+            store(row(dq, sdq, b, h, i + r), sum_lanes(acc));
+        }
+    } else {
+        for (int j = 0; j < Mp; j += W)
+            for (int r = 0; r < R; ++r) {
+                const f8 pj = exp2_8(load(p[r] + j) - splat(lse[i + r] * LOG2E));
+                store(p[r] + j, pj);
+                store(ds[r] + j, pj * (load(ds[r] + j) - splat(delta[r])) * splat(scale));
+            }
+        f8 acc[R][DV];
+        weighted_rows<R, DV>(ds, Kr, M, acc);
+        for (int r = 0; r < R; ++r) {
+            float* dqi = row(dq, sdq, b, h, i + r);
+            for (int d = 0; d < DV; ++d) store(dqi + d * W, acc[r][d]);
+        }
     }
 }
 
-constexpr int ROWS = 4;  // query rows per block: each key and value vector loaded once serves four rows
+// Xt[c][j] += sum over r < n of a_r[c] B[r][j], for Xt (D, Mp), the rows a_r = a + r * stride (D floats)
+// and B (n, Mp): four columns by J key vectors held in registers along all n rows, so that Xt is read
+// and written once per n rows.
+template <int J>
+inline void add_outer_tile(float* Xt, const float* a, int64_t stride, const float* B, int n, int D, int Mp, int j) {
+    constexpr int C = 4;
+    for (int c0 = 0; c0 < D; c0 += C) {
+        f8 acc[C][J];
+        for (int c = 0; c < C; ++c)
+            for (int u = 0; u < J; ++u) acc[c][u] = splat(0.0f);
+        for (int r = 0; r < n; ++r) {
+            f8 bj[J];
+            for (int u = 0; u < J; ++u) bj[u] = load(B + (size_t)r * Mp + j + u * W);
+            const float* ar = a + r * stride + c0;
+            for (int c = 0; c < C; ++c) {
+                const f8 w = splat(ar[c]);
+                for (int u = 0; u < J; ++u) acc[c][u] += w * bj[u];
+            }
+        }
+        for (int c = 0; c < C; ++c)
+            for (int u = 0; u < J; ++u) {
+                float* x = Xt + (size_t)(c0 + c) * Mp + j + u * W;
+                store(x, load(x) + acc[c][u]);
+            }
+    }
+}
+
+inline void add_outer(float* Xt, const float* a, int64_t stride, const float* B, int n, int D, int Mp) {
+    int j = 0;
+    for (; j + 2 * W <= Mp; j += 2 * W) add_outer_tile<2>(Xt, a, stride, B, n, D, Mp, j);
+    for (; j < Mp; j += W) add_outer_tile<1>(Xt, a, stride, B, n, D, Mp, j);
+}
+
+constexpr int ROWS = 4;    // query rows per block: each key and value vector loaded once serves four rows
+constexpr int CHUNK = 64;  // backward rows whose P and dS are kept, for their dK and dV in one pass
 
 template <int DV>
 void forward_head(const float* q, Strides sq, float* out, Strides so, float* lse, int b, int h, int N,
@@ -218,11 +320,21 @@ template <int DV>
 void backward_head(const float* q, Strides sq, const float* out, Strides so, const float* dout, Strides sg,
                    const float* lse, float* dq, Strides sdq, int b, int h, int N, const float* Kt, const float* Vt,
                    const float* Kr, float* dKt, float* dVt, int M, int Mp, float scale, float* buf) {
-    int i = 0;
-    for (; i + ROWS <= N; i += ROWS)
-        backward_rows<ROWS, DV>(q, sq, out, so, dout, sg, lse, dq, sdq, b, h, i, Kt, Vt, Kr, dKt, dVt, M, Mp, scale, buf);
-    for (; i < N; ++i)
-        backward_rows<1, DV>(q, sq, out, so, dout, sg, lse, dq, sdq, b, h, i, Kt, Vt, Kr, dKt, dVt, M, Mp, scale, buf);
+    float* P = buf;
+    float* dS = buf + (size_t)CHUNK * Mp;
+    for (int i0 = 0; i0 < N; i0 += CHUNK) {
+        const int n = N - i0 < CHUNK ? N - i0 : CHUNK;
+        int i = i0;
+        for (; i + ROWS <= i0 + n; i += ROWS)
+            backward_rows<ROWS, DV>(q, sq, out, so, dout, sg, lse, dq, sdq, b, h, i, Kt, Vt, Kr,
+                                    P + (size_t)(i - i0) * Mp, dS + (size_t)(i - i0) * Mp, M, Mp, scale);
+        for (; i < i0 + n; ++i)
+            backward_rows<1, DV>(q, sq, out, so, dout, sg, lse, dq, sdq, b, h, i, Kt, Vt, Kr,
+                                 P + (size_t)(i - i0) * Mp, dS + (size_t)(i - i0) * Mp, M, Mp, scale);
+        // dK = dSᵀ Q and dV = Pᵀ dO over these rows.
+        add_outer(dKt, row(q, sq, b, h, i0), sq.n, dS, n, DV * W, Mp);
+        add_outer(dVt, row(dout, sg, b, h, i0), sg.n, P, n, DV * W, Mp);
+    }
 }
 
 }  // namespace
@@ -251,7 +363,8 @@ int attention_forward(const float* q, const float* k, const float* v, float* out
             if (failed) continue;
             const int b = task / H, h = task % H;
             transpose_in(k, sk, b, h, M, D, Mp, Kt);
-            gather_rows(v, sv, b, h, M, D, Vr);
+            if (D == W) transpose_in(v, sv, b, h, M, D, Mp, Vr);  // (D, Mp), for the 8-wide path
+            else gather_rows(v, sv, b, h, M, D, Vr);
             float* lse_bh = lse + (int64_t)task * N;
             switch (D / W) {
                 case 1: forward_head<1>(q, sq, out, so, lse_bh, b, h, N, Kt, Vr, M, Mp, scale, buf); break;
@@ -288,7 +401,7 @@ int attention_backward(const float* q, const float* k, const float* v, const flo
         float* Kr = alloc((size_t)D * Mp);
         float* dKt = alloc((size_t)D * Mp);
         float* dVt = alloc((size_t)D * Mp);
-        float* buf = alloc((size_t)2 * ROWS * Mp);
+        float* buf = alloc((size_t)2 * CHUNK * Mp);
         if (!Kt || !Vt || !Kr || !dKt || !dVt || !buf) failed = 1;
 #pragma omp for schedule(static)
         for (int task = 0; task < B * H; ++task) {
@@ -296,7 +409,7 @@ int attention_backward(const float* q, const float* k, const float* v, const flo
             const int b = task / H, h = task % H;
             transpose_in(k, sk, b, h, M, D, Mp, Kt);
             transpose_in(v, sv, b, h, M, D, Mp, Vt);
-            gather_rows(k, sk, b, h, M, D, Kr);
+            if (D > W) gather_rows(k, sk, b, h, M, D, Kr);  // dQ's rows for wide heads
             std::memset(dKt, 0, sizeof(float) * D * Mp);
             std::memset(dVt, 0, sizeof(float) * D * Mp);
             const float* lse_bh = lse + (int64_t)task * N;

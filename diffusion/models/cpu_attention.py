@@ -101,13 +101,17 @@ def available() -> bool:
     return library() is not None
 
 
+HALF = (torch.bfloat16, torch.float16)
+
+
 def applies(q: torch.Tensor, k: torch.Tensor) -> bool:
-    """Whether attention on these (B, N, H, D) tensors runs the kernel: fp32 on the CPU, narrow heads.
+    """Whether attention on these (B, N, H, D) tensors runs the kernel: fp32, bf16 or fp16 on the CPU,
+    narrow heads.
 
     Inside a torch.compile trace nothing is built: the kernel runs there if `library()` has loaded
     it before, as building an Attention layer does.
     """
-    if not (q.device.type == "cpu" and q.dtype == torch.float32 and k.dtype == torch.float32
+    if not (q.device.type == "cpu" and q.dtype == k.dtype and q.dtype in (torch.float32, *HALF)
             and q.shape[-1] in HEAD_DIMS):
         return False
     if torch.compiler.is_compiling():
@@ -214,8 +218,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     """softmax(q kᵀ / √D) v over heads: q (B, N, H, D), k and v (B, M, H, D) -> (B, N, H, D).
 
     Takes the heads in the token-major layout that a linear layer's output has, so that no head
-    transpose is copied on the way in or out.
+    transpose is copied on the way in or out. bf16 and fp16 inputs (autocast) are computed in fp32
+    and the result rounded back, as SDPA's CPU kernel accumulates them in fp32.
     """
+    if q.dtype in HALF:
+        return attention(q.float(), k.float(), v.float()).to(q.dtype)
     return torch.ops.diffusion.cpu_attention(q, k, v, q.shape[-1] ** -0.5)[0]
 
 

@@ -104,8 +104,9 @@ class Upsample(nn.Module):
 class Attention(nn.Module):
     """Multi-head attention. Self-attention uses one fused QKV projection.
 
-    fp32 on the CPU with heads 8 to 32 wide runs diffusion.models.cpu_attention's kernel; everything
-    else runs PyTorch's scaled_dot_product_attention. Both compute the same exact softmax attention.
+    On the CPU, heads 8 to 32 wide run diffusion.models.cpu_attention's kernel (in fp32, also under
+    bf16 autocast); everything else runs PyTorch's scaled_dot_product_attention. Both compute the same
+    exact softmax attention.
     """
 
     def __init__(self, dim: int, heads: int, context_dim: int | None = None, bias: bool = False):
