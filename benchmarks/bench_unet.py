@@ -5,7 +5,8 @@
     python benchmarks/bench_unet.py --device cuda    # + channels_last and flash/mem-efficient SDPA on both sides
     python benchmarks/bench_unet.py --quick          # tiny sizes, for the test suite
 
-Workloads, each run A B A B ... after warm-up and timed as the median of --repeats (default 5):
+Workloads, each run A B A B ... after warm-up and timed as the median of --repeats rounds (default
+5, and more, up to 25, until the rounds add up to 30 s: short workloads get 10-25):
     (a) train     forward + backward + AdamW step, batch 16, latents 4x16x16, context 77x256, fp32;
                   each side's AdamW as its training script builds it (see workloads.OPTIMIZERS)
     (b) sample    one no-grad forward, batch 8, in fp32 and again under bf16 autocast
@@ -303,7 +304,7 @@ def timing_table(runs: dict[str, dict[str, Callable]], flops, peak: dict[str, fl
     print(f"\n{'workload':24s} {'ours ms':>10s} {'diffusers ms':>13s} {'ratio':>7s}   GFLOP/s (% of matmul peak)")
     ratios = {}
     for key, (label, flop_key, precision, warmup) in table.items():
-        times = interleaved(runs[key], sizes.repeats, warmup, s.device)
+        times = interleaved(runs[key], sizes.repeats, warmup, s.device, sizes.min_seconds, sizes.max_repeats)
         median = {k: statistics.median(v) for k, v in times.items()}
         ratios[key] = median["diffusers"] / median["ours"]
         rate = {k: flops[k][flop_key] / median[k] / 1e9 for k in SIDES}
@@ -331,7 +332,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--threads", type=int, default=torch.get_num_threads(),
                    help="torch threads, the same for both sides (default: torch's, the physical cores)")
-    p.add_argument("--repeats", type=int, default=None, help="timed repeats per workload (default 5; 2 with --quick)")
+    p.add_argument("--repeats", type=int, default=None, help="timed rounds per workload, at least (default 5, more for short workloads; 2 with --quick)")
     p.add_argument("--quick", action="store_true", help="tiny sizes and few repeats, for the test suite")
     p.add_argument("--compile", action="store_true", help="torch.compile both U-Nets")
     p.add_argument("--gen-dtype", choices=["fp32", "bf16"], default=None,

@@ -27,15 +27,21 @@ def timed(fn: Callable, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def interleaved(fns: dict[str, Callable], repeats: int, warmup: int, device) -> dict[str, list[float]]:
-    """Times of each side's fn, run alternately (A B A B ...) so that machine noise hits both alike."""
+def interleaved(fns: dict[str, Callable], repeats: int, warmup: int, device, min_seconds: float = 0.0,
+                max_repeats: int = 0) -> dict[str, list[float]]:
+    """Times of each side's fn, run alternately (A B A B ...) so that machine noise hits both alike:
+    `repeats` rounds, and more, up to `max_repeats`, until the rounds add up to `min_seconds`, so that
+    the median of a short workload does not rest on a few seconds of a shared machine."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     times = {k: [] for k in fns}
-    for _ in range(repeats):
+    rounds, elapsed = 0, 0.0
+    while rounds < repeats or (elapsed < min_seconds and rounds < max_repeats):
         for k, fn in fns.items():
             times[k].append(timed(fn, device))
+            elapsed += times[k][-1]
+        rounds += 1
     return times
 
 

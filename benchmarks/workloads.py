@@ -35,9 +35,12 @@ class Sizes:
     guidance: float = 7.5
     repeats: int = 5
     warmup: int = 2
+    # Short workloads run more rounds, until both sides' times add up to this (at most max_repeats).
+    min_seconds: float = 30.0
+    max_repeats: int = 25
 
 
-QUICK_SIZES = Sizes(train_batch=2, sample_batch=2, images=1, steps=2, repeats=2, warmup=1)
+QUICK_SIZES = Sizes(train_batch=2, sample_batch=2, images=1, steps=2, repeats=2, warmup=1, min_seconds=0.0)
 
 
 def load_bench_config(quick: bool) -> PipelineConfig:

@@ -105,3 +105,16 @@ def test_bench_quick_runs():
     assert out.returncode == 0, out.stderr[-3000:]
     last = out.stdout.strip().splitlines()[-1]
     assert re.fullmatch(r"train_ratio=\S+ sample_ratio=\S+ sample_bf16_ratio=\S+ generate_ratio=\S+", last), last
+
+
+def test_short_workloads_get_rounds_until_the_time_adds_up():
+    import time
+
+    from benchmarks.measure import interleaved
+
+    cpu = torch.device("cpu")
+    nap = {"ours": lambda: time.sleep(0.005), "diffusers": lambda: time.sleep(0.005)}
+    assert [len(v) for v in interleaved(nap, 3, 1, cpu).values()] == [3, 3]
+    assert [len(v) for v in interleaved(nap, 3, 0, cpu, min_seconds=60.0, max_repeats=7).values()] == [7, 7]
+    times = interleaved(nap, 2, 0, cpu, min_seconds=0.1, max_repeats=50)
+    assert sum(map(sum, times.values())) >= 0.1 and 2 < len(times["ours"]) < 50
