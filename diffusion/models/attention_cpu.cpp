@@ -139,17 +139,23 @@ inline void weighted_rows(const float* const* w, const float* X, int M, f8 (&acc
         for (int d = 0; d < DV; ++d) acc[r][d] = part[0][r][d] + part[1][r][d];
 }
 
+// Lanes of two vectors by index (0-7 from a, 8-15 from b): GCC before 12 has only __builtin_shuffle.
+#if defined(__clang__) || __GNUC__ >= 12
+#define SHUFFLE(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else
+#define SHUFFLE(a, b, ...) __builtin_shuffle(a, b, i8{__VA_ARGS__})
+#endif
+
 // The eight vectors' horizontal sums as one vector: out[d] = sum of a[d]'s lanes.
 inline f8 sum_lanes(const f8 (&a)[W]) {
     f8 b[4], c[2];
     for (int k = 0; k < 4; ++k)
-        b[k] = __builtin_shufflevector(a[2 * k], a[2 * k + 1], 0, 8, 2, 10, 4, 12, 6, 14) +
-               __builtin_shufflevector(a[2 * k], a[2 * k + 1], 1, 9, 3, 11, 5, 13, 7, 15);
+        b[k] = SHUFFLE(a[2 * k], a[2 * k + 1], 0, 8, 2, 10, 4, 12, 6, 14) +
+               SHUFFLE(a[2 * k], a[2 * k + 1], 1, 9, 3, 11, 5, 13, 7, 15);
     for (int k = 0; k < 2; ++k)
-        c[k] = __builtin_shufflevector(b[2 * k], b[2 * k + 1], 0, 1, 8, 9, 4, 5, 12, 13) +
-               __builtin_shufflevector(b[2 * k], b[2 * k + 1], 2, 3, 10, 11, 6, 7, 14, 15);
-    return __builtin_shufflevector(c[0], c[1], 0, 1, 2, 3, 8, 9, 10, 11) +
-           __builtin_shufflevector(c[0], c[1], 4, 5, 6, 7, 12, 13, 14, 15);
+        c[k] = SHUFFLE(b[2 * k], b[2 * k + 1], 0, 1, 8, 9, 4, 5, 12, 13) +
+               SHUFFLE(b[2 * k], b[2 * k + 1], 2, 3, 10, 11, 6, 7, 14, 15);
+    return SHUFFLE(c[0], c[1], 0, 1, 2, 3, 8, 9, 10, 11) + SHUFFLE(c[0], c[1], 4, 5, 6, 7, 12, 13, 14, 15);
 }
 
 // Forward for R query rows starting at i: softmax of the scores, then the probabilities times the
