@@ -1,5 +1,5 @@
 """The quick start, scaled down: the shapes pipeline at 16x16 follows color and position prompts, and a
-LoRA adapter trained on it then draws a color that the model never saw.
+LoRA adapter trained on it then draws a color that the model never saw, as its VAE renders that color.
 
 The full bar (configs/shapes.yaml: 15 minutes, color and position >= 95% on seeds 0-4) is a
 benchmark, run by hand and reported in the README and docs/quickstart.md. This test runs the same two
@@ -75,26 +75,43 @@ def test_scaled_down_quick_start_beats_chance(tmp_path):
     )
     assert lora.returncode == 0, lora.stderr[-2000:]
     assert (lora_out / "lora.safetensors").stat().st_size < 0.1 * (out / "model" / "unet.safetensors").stat().st_size
-    base, adapted = cyan_colors(out / "model", lora_out / "lora.safetensors")
-    print(json.dumps({"cyan color, base": base, "cyan color, with the adapter": adapted}))
-    # The base model never saw cyan and draws it by accident only (0-1% here); the tiny 16 px VAE decodes
-    # cyan close to blue, so the adapter reaches about 30% here where the full-size one reaches 98% (docs/lora.md).
-    assert adapted >= CYAN_CHANCE and adapted >= base + 0.1, (base, adapted)
+    rendered, base, adapted = cyan_colors(out / "model", lora_out / "lora.safetensors", tmp_path / "cyan")
+    print(json.dumps({"cyan images through the VAE": rendered, "cyan prompts in that color, base": base,
+                      "with the adapter": adapted}))
+    # The base model never saw cyan and draws it by accident only. The tiny 16 px VAE renders cyan
+    # anywhere between blue and green depending on the run ((60, 121, 182) to (50, 173, 136) for
+    # (40, 210, 210)), so the adapter is judged by the color this VAE gives real cyan images: it must
+    # draw that for cyan prompts well above chance and 10 points more often than the base model does.
+    # The full-size VAE renders cyan as cyan and the adapter reaches 97% there (docs/lora.md).
+    assert adapted >= CYAN_CHANCE and adapted >= base + 0.1, (rendered, base, adapted)
 
 
-def cyan_colors(model, lora_file) -> tuple[float, float]:
-    """Color accuracy on the 15 cyan prompts three times each (45 images, DDIM 20), without and with the
-    adapter: what `python -m diffusion.eval shapes --colors cyan --repeats 3 [--lora FILE]` prints, from
-    one loaded model."""
+def cyan_colors(model, lora_file, cyan_dir) -> tuple[str, float, float]:
+    """The evaluator's color for the model's VAE round trip of cyan training images (its majority), and
+    how often the 15 cyan prompts, three times each (45 images, DDIM 20), come out in that color without
+    and with the adapter, from one loaded model."""
+    from collections import Counter
+
+    import numpy as np
     import torch
+    from PIL import Image
 
-    from diffusion.eval.fidelity import evaluate_shapes, shapes_prompts
+    from diffusion.eval.fidelity import shapes_prompts
+    from diffusion.eval.shapes import classify
     from diffusion.lora.files import read_lora
     from diffusion.pipeline import load_pipeline
 
     pipe, prompts = load_pipeline(model, device="cpu"), shapes_prompts(["cyan"], repeats=3)
+    files = sorted(cyan_dir.glob("*.png"))[:45]
+    x = torch.stack([torch.from_numpy(np.array(Image.open(f).convert("RGB"))).permute(2, 0, 1) for f in files])
     with torch.inference_mode():
-        base = evaluate_shapes(pipe, steps=20, prompts=prompts)["color"]
+        round_trip = pipe.vae.decode(pipe.vae.encode(x.float() / 127.5 - 1).mode())
+        rendered = Counter(classify(image)["color"] for image in round_trip).most_common(1)[0][0]
+
+        def share(images):
+            return sum(classify(image)["color"] == rendered for image in images) / len(images)
+
+        base = share(pipe.generate(prompts, steps=20, seed=0, batch_size=45))
         pipe.set_loras([(read_lora(lora_file), 1.0)])
-        adapted = evaluate_shapes(pipe, steps=20, prompts=prompts)["color"]
-    return base, adapted
+        adapted = share(pipe.generate(prompts, steps=20, seed=0, batch_size=45))
+    return rendered, base, adapted
