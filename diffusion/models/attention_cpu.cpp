@@ -158,23 +158,32 @@ inline f8 sum_lanes(const f8 (&a)[W]) {
     return SHUFFLE(c[0], c[1], 0, 1, 2, 3, 8, 9, 10, 11) + SHUFFLE(c[0], c[1], 4, 5, 6, 7, 12, 13, 14, 15);
 }
 
+// qs[r] = q[r] scale log2(e), and qsr[r] pointing at it: scores of these rows come out in log2 units,
+// for exp2, in the forward pass and in the backward's recomputation alike.
+template <int R, int D>
+inline void log2_scaled(const float* const* q, float scale, float (&qs)[R][D], const float* (&qsr)[R]) {
+    for (int r = 0; r < R; ++r) {
+        for (int c = 0; c < D; ++c) qs[r][c] = q[r][c] * (scale * LOG2E);
+        qsr[r] = qs[r];
+    }
+}
+
 // Forward for R query rows starting at i: softmax of the scores, then the probabilities times the
 // values V, DV vectors of 8 per row (D = 8 DV): V is (8, Mp), transposed, for DV = 1, else (M, D) rows.
 template <int R, int DV>
 void forward_rows(const float* q, Strides sq, float* out, Strides so, float* lse, int b, int h, int i,
                   const float* Kt, const float* V, int M, int Mp, float scale, float* buf) {
     constexpr int D = DV * W;
-    // The scores come out in log2 units (scale log2(e) folded into q), for exp2.
-    float qs[R][D];
     const float* qr[R];
     float* s[R];
     for (int r = 0; r < R; ++r) {
-        const float* qi = row(q, sq, b, h, i + r);
-        for (int c = 0; c < D; ++c) qs[r][c] = qi[c] * (scale * LOG2E);
-        qr[r] = qs[r];
+        qr[r] = row(q, sq, b, h, i + r);
         s[r] = buf + (size_t)r * Mp;
     }
-    scores<R>(qr, Kt, D, M, Mp, s, -INFINITY);
+    float qs[R][D];
+    const float* qsr[R];
+    log2_scaled(qr, scale, qs, qsr);
+    scores<R>(qsr, Kt, D, M, Mp, s, -INFINITY);
     f8 vmax[R], m[R];
     for (int r = 0; r < R; ++r) vmax[r] = splat(-INFINITY);
     for (int j = 0; j < Mp; j += W)
@@ -242,10 +251,7 @@ void backward_rows(const float* q, Strides sq, const float* out, Strides so, con
     }
     float qs[R][D];
     const float* qsr[R];
-    for (int r = 0; r < R; ++r) {
-        for (int c = 0; c < D; ++c) qs[r][c] = qr[r][c] * (scale * LOG2E);
-        qsr[r] = qs[r];
-    }
+    log2_scaled(qr, scale, qs, qsr);
     scores<R>(qsr, Kt, D, M, Mp, p, -INFINITY);
     scores<R>(gr, Vt, D, M, Mp, ds, 0.0f);  // dP = dO Vᵀ, in place of dS
     if constexpr (DV == 1) {
