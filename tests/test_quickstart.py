@@ -92,20 +92,19 @@ def cyan_colors(model, lora_file, cyan_dir) -> tuple[str, float, float]:
     and with the adapter, from one loaded model."""
     from collections import Counter
 
-    import numpy as np
     import torch
-    from PIL import Image
 
+    from diffusion.data.folder import image_transform, load_image
     from diffusion.eval.fidelity import shapes_prompts
     from diffusion.eval.shapes import classify
     from diffusion.lora.files import read_lora
     from diffusion.pipeline import load_pipeline
 
     pipe, prompts = load_pipeline(model, device="cpu"), shapes_prompts(["cyan"], repeats=3)
-    files = sorted(cyan_dir.glob("*.png"))[:45]
-    x = torch.stack([torch.from_numpy(np.array(Image.open(f).convert("RGB"))).permute(2, 0, 1) for f in files])
+    resolution = pipe.cfg.info.resolution
+    x = torch.stack([image_transform(load_image(f), resolution) for f in sorted(cyan_dir.glob("*.png"))[:45]])
     with torch.inference_mode():
-        round_trip = pipe.vae.decode(pipe.vae.encode(x.float() / 127.5 - 1).mode())
+        round_trip = pipe.vae.decode(pipe.vae.encode(x).mode())
         rendered = Counter(classify(image)["color"] for image in round_trip).most_common(1)[0][0]
 
         def share(images):
