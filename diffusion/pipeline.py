@@ -278,7 +278,7 @@ class Pipeline:
         x_T = torch.stack([torch.randn(latent_shape, generator=g) for g in generators]).to(self.device, self.dtype)
         context = self.text_encoder.encode(prompts).to(self.dtype)  # (B, L, D)
         uncond_b = uncond.expand(len(prompts), -1, -1) if uncond is not None else None
-        model = classifier_free_guidance(self.unet, context, uncond_b, guidance)
+        model = classifier_free_guidance(self.unet, context, uncond_b, guidance, prepare=self.unet.prepare_context)
         abar = self.schedule.alphas_cumprod
         if self.cfg.schedule.prediction_type == "v_prediction":
             model = epsilon_from_v(model, abar)

@@ -14,7 +14,7 @@ The loops pass python floats: the coefficients then cost no kernel launches and 
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -205,8 +205,14 @@ def ddpm(
 # ----------------------------------------------------------------------------- guidance
 
 
-def conditional(net: Callable[[Tensor, Tensor, Tensor], Tensor], context: Tensor) -> Model:
-    """The sampler's model(x_t, t) for net(x_t, t, context) with a fixed context and no guidance."""
+def conditional(net: Callable[[Tensor, Tensor, Any], Tensor], context: Tensor,
+                prepare: Optional[Callable[[Tensor], Any]] = None) -> Model:
+    """The sampler's model(x_t, t) for net(x_t, t, context) with a fixed context and no guidance.
+
+    prepare, if given, maps the context once to what net takes at every step (UNet.prepare_context).
+    """
+    if prepare is not None:
+        context = prepare(context)
 
     def model(x_t: Tensor, t: Tensor) -> Tensor:
         return net(x_t, t, context)
@@ -237,21 +243,24 @@ def epsilon_from_v(model: Model, alphas_cumprod: Tensor) -> Model:
 
 
 def classifier_free_guidance(
-    net: Callable[[Tensor, Tensor, Tensor], Tensor], context: Tensor, uncond_context: Optional[Tensor], scale: float
+    net: Callable[[Tensor, Tensor, Any], Tensor], context: Tensor, uncond_context: Optional[Tensor], scale: float,
+    prepare: Optional[Callable[[Tensor], Any]] = None,
 ) -> Model:
     """ε̂ = ε_u + s·(ε_c − ε_u) (Ho & Salimans 2022, eq. 6 with s = 1 + w), one batched net call per step.
 
     uncond_context is the embedding of "" (or of the negative prompt), computed once by the caller;
     a batch of 1 is broadcast to the batch of context. scale 1 is the plain conditional model (and
-    uncond_context may then be None).
+    uncond_context may then be None). prepare is applied once to the batched contexts, as in `conditional`.
     """
     if scale == 1.0:
-        return conditional(net, context)
+        return conditional(net, context, prepare)
     if uncond_context is None:
         raise ValueError(f"guidance scale {scale} needs uncond_context (the embedding of '' or the negative prompt)")
     if uncond_context.shape[0] == 1 and context.shape[0] > 1:
         uncond_context = uncond_context.expand(context.shape[0], *uncond_context.shape[1:])
     both_contexts = torch.cat([uncond_context, context])  # once, not per step
+    if prepare is not None:
+        both_contexts = prepare(both_contexts)
 
     def model(x_t: Tensor, t: Tensor) -> Tensor:
         eps_uncond, eps_cond = net(torch.cat([x_t, x_t]), torch.cat([t, t]), both_contexts).chunk(2)

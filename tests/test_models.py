@@ -174,6 +174,25 @@ def test_unet_uses_time_and_text():
     torch.testing.assert_close(net(x[:1], t[:1], ctx[:1]), base[:1], atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("kw", [{}, {"linear_projection": True}, {"num_heads": 1}])  # num_heads 1: 16- and 32-wide heads
+def test_unet_prepared_context_gives_the_same_bits(kw, monkeypatch):
+    """Keys and values projected once by prepare_context, as a sampler's steps share them, against
+    the plain context; on the CPU kernel and on SDPA."""
+    from diffusion.models import cpu_attention
+
+    net = tiny_unet(**kw).eval()
+    for p in net.parameters():
+        if p.abs().sum() == 0:
+            torch.nn.init.normal_(p, std=0.05)
+    x, t, ctx = torch.randn(3, 4, 8, 8), torch.tensor([5, 500, 999]), torch.randn(3, 5, 24)
+    prepared = net.prepare_context(ctx)
+    assert [layer.kv_slot for layer in net.cross_attentions()] == list(range(7)) and len(prepared.kv) == 7  # 2 down, 1 middle, 4 up
+    with torch.no_grad():
+        assert torch.equal(net(x, t, net.prepare_context(ctx)), net(x, t, ctx))
+        monkeypatch.setattr(cpu_attention, "applies", lambda q, k: False)
+        assert torch.equal(net(x, t, net.prepare_context(ctx)), net(x, t, ctx))
+
+
 def test_unet_gradient_checkpointing_matches():
     plain = tiny_unet()
     ckpt = tiny_unet(gradient_checkpointing=True)

@@ -25,6 +25,33 @@ def test_generate_returns_images_with_parameters(tiny_pipeline):
     assert images[1].info["parameters"].startswith("a blue square in the top left\n")
 
 
+@pytest.mark.parametrize("guidance", [1.0, 5.0])
+def test_generation_projects_the_text_once_per_batch(tiny_pipeline, guidance):
+    """The cross-attention keys and values of the text are the same at every step: one projection
+    per layer and batch, and the images are those of projecting it at every step."""
+    unet = tiny_pipeline.unet
+    calls = []
+    hooks = [layer.to_kv.register_forward_hook(lambda *a: calls.append(1)) for layer in unet.cross_attentions()]
+    try:
+        made = tiny_pipeline.generate(["a red circle", "a blue square", "a cyan circle"], steps=4, batch_size=2, guidance=guidance)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert len(calls) == 2 * len(unet.cross_attentions())  # two batches, whatever the number of steps
+
+    def every_step(context):  # what a sampler would do without prepare_context
+        return context
+
+    original = unet.prepare_context
+    unet.prepare_context = every_step
+    try:
+        plain = tiny_pipeline.generate(["a red circle", "a blue square", "a cyan circle"], steps=4, batch_size=2, guidance=guidance)
+    finally:
+        del unet.prepare_context
+    assert unet.prepare_context == original
+    assert np.array_equal(pixels(made), pixels(plain))
+
+
 def test_save_load_regenerates_identical_images(tiny_pipeline, tiny_model_dir):
     kwargs = dict(prompts=["a red circle in the center"] * 2, negative_prompt="blurry", steps=4, guidance=2.0, seed=3)
     before = pixels(tiny_pipeline.generate(**kwargs))

@@ -305,6 +305,25 @@ def test_guidance_broadcasts_a_single_uncond_context_and_conditional_wrapper():
         classifier_free_guidance(net, cond, None, 3.0)
 
 
+def test_guidance_prepares_the_context_once_for_every_step():
+    x, t = randn(*SHAPE), torch.tensor([10, 700])
+    cond, uncond = randn(2, 3, 5, seed=1), randn(1, 3, 5, seed=2)
+    prepared = []
+
+    def prepare(context):  # stands for UNet.prepare_context: any object net takes in place of the context
+        prepared.append(context)
+        return context * 2
+
+    for scale, batch in ((3.0, 4), (1.0, 2)):
+        net, prepared[:] = ContextNet(), []
+        model = classifier_free_guidance(net, cond, uncond, scale, prepare=prepare)
+        for _ in range(3):
+            model(x, t)
+        assert len(prepared) == 1 and prepared[0].shape[0] == batch  # the batched contexts, once
+        plain = classifier_free_guidance(ContextNet(), cond * 2, uncond * 2, scale)(x, t)
+        torch.testing.assert_close(model(x, t), plain)
+
+
 # ----------------------------------------------------------------------------- v-prediction
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -101,6 +102,18 @@ class Upsample(nn.Module):
         return self.conv(x)
 
 
+class PreparedContext(NamedTuple):
+    """Text conditioning with every cross-attention layer's keys and values already projected.
+
+    They depend on the text only, not on x_t or t, so a sampler's steps can share one projection
+    (UNet.prepare_context) instead of repeating it at every step. Slot i holds the to_kv output of
+    the cross-attention layer whose `kv_slot` is i.
+    """
+
+    context: torch.Tensor  # (B, M, C_ctx)
+    kv: tuple[torch.Tensor, ...]  # per layer, (B, M, 2 * dim): keys, then values
+
+
 class Attention(nn.Module):
     """Multi-head attention. Self-attention uses one fused QKV projection.
 
@@ -114,6 +127,7 @@ class Attention(nn.Module):
         assert dim % heads == 0, f"attention width {dim} must be divisible by the number of heads {heads}"
         self.heads = heads
         self.is_cross = context_dim is not None
+        self.kv_slot = -1  # this layer's entry in a PreparedContext, numbered by the model that owns it
         if self.is_cross:
             self.to_q = nn.Linear(dim, dim, bias=bias)
             self.to_kv = nn.Linear(context_dim, 2 * dim, bias=bias)
@@ -125,11 +139,12 @@ class Attention(nn.Module):
             # inside a torch.compile trace, where nothing can be built.
             cpu_attention.library()
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor | PreparedContext | None = None) -> torch.Tensor:
         # x: (B, N, C); context: (B, M, C_ctx)
         if self.is_cross:
             q = self.to_q(x)
-            k, v = self.to_kv(context).chunk(2, dim=-1)
+            kv = context.kv[self.kv_slot] if isinstance(context, PreparedContext) else self.to_kv(context)
+            k, v = kv.chunk(2, dim=-1)
         else:
             q, k, v = self.to_qkv(x).chunk(3, dim=-1)
         q, k, v = (rearrange(a, "b n (h d) -> b n h d", h=self.heads) for a in (q, k, v))  # views
@@ -172,7 +187,7 @@ class TransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim)
         self.ff = GEGLU(dim)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor | PreparedContext) -> torch.Tensor:
         x = self.attn1(self.norm1(x)).add_(x)
         x = self.attn2(self.norm2(x), context).add_(x)
         return self.ff(self.norm3(x)).add_(x)
@@ -194,7 +209,7 @@ class SpatialTransformer(nn.Module):
         self.blocks = nn.ModuleList(TransformerBlock(ch, heads, context_dim) for _ in range(depth))
         self.proj_out = zero_module(nn.Linear(ch, ch) if linear else nn.Conv2d(ch, ch, 1))
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor | PreparedContext) -> torch.Tensor:
         _, _, h, w = x.shape
         if self.linear:
             y = self.proj_in(rearrange(self.norm(x), "b c h w -> b (h w) c"))

@@ -22,7 +22,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import UNetConfig
-from .layers import Downsample, ResBlock, SpatialTransformer, Upsample, norm_silu, timestep_embedding, zero_module
+from .layers import (
+    Attention, Downsample, PreparedContext, ResBlock, SpatialTransformer, Upsample, norm_silu, timestep_embedding, zero_module,
+)
 
 
 class UNetBlock(nn.Module):
@@ -94,16 +96,28 @@ class UNet(nn.Module):
 
         self.norm_out = nn.GroupNorm(groups, ch, eps=cfg.norm_eps)
         self.conv_out = zero_module(nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
+        for slot, layer in enumerate(self.cross_attentions()):
+            layer.kv_slot = slot
         # Module.to, load_state_dict and optimisers preserve this layout from here on.
         self.to(memory_format=torch.channels_last)
+
+    def cross_attentions(self) -> list[Attention]:
+        return [m for m in self.modules() if isinstance(m, Attention) and m.is_cross]
+
+    def prepare_context(self, context: torch.Tensor) -> PreparedContext:
+        """`context` (B, L, context_dim) with every cross-attention layer's keys and values projected
+        once, for a sampler that calls forward with the same text at every step. forward gives the
+        same result with either, bit for bit: the projections are the same products on the same rows."""
+        return PreparedContext(context, tuple(layer.to_kv(context) for layer in self.cross_attentions()))
 
     def _run(self, block: UNetBlock, h, emb, context, out_size=None):
         if self.cfg.gradient_checkpointing and self.training and torch.is_grad_enabled():
             return checkpoint(block, h, emb, context, out_size, use_reentrant=False)
         return block(h, emb, context, out_size)
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """x_t: (B, C, H, W) noisy latents; t: (B,) or scalar timesteps; context: (B, L, context_dim)."""
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor | PreparedContext) -> torch.Tensor:
+        """x_t: (B, C, H, W) noisy latents; t: (B,) or scalar timesteps; context: (B, L, context_dim),
+        or that from prepare_context."""
         if t.ndim == 0:
             t = t.expand(x_t.shape[0])
         # Every ResBlock's timestep projection starts with SiLU; apply it once here for all of them.
