@@ -181,7 +181,7 @@ CHILD = ("import logging, torch; logging.basicConfig(level=logging.INFO);"
 
 
 def test_switched_off_by_environment_falls_back_to_sdpa():
-    result = run_child(CHILD, DIFFUSION_CPU_ATTENTION="0")
+    result = run_child(CHILD, DIFFUSION_CPU_KERNELS="0")
     assert result.returncode == 0, result.stderr
     assert "applies False" in result.stdout and "torch.Size([1, 3, 16])" in result.stdout
 
@@ -190,14 +190,14 @@ def test_a_compiler_that_fails_gives_one_warning_and_sdpa(tmp_path):
     result = run_child(CHILD, CXX="false", DIFFUSION_KERNEL_CACHE=str(tmp_path))
     assert result.returncode == 0, result.stderr
     assert "applies False" in result.stdout
-    assert result.stderr.count("CPU attention kernel did not build") == 1
+    assert result.stderr.count("CPU kernels did not build") == 1
     assert not list(tmp_path.glob("*.so"))
 
 
 def test_built_once_per_cache_and_reused(tmp_path):
     code = "from diffusion.models import cpu_attention as c; print(c.library() is not None)"
     assert run_child(code, DIFFUSION_KERNEL_CACHE=str(tmp_path)).stdout.strip() == "True"
-    (lib,) = tmp_path.glob("attention_cpu-*.so")
+    (lib,) = tmp_path.glob("cpu_kernels-*.so")
     stamp = lib.stat().st_mtime_ns
     assert run_child(code, DIFFUSION_KERNEL_CACHE=str(tmp_path)).stdout.strip() == "True"
     assert lib.stat().st_mtime_ns == stamp and len(list(tmp_path.iterdir())) == 1

@@ -7,100 +7,22 @@ loops run along the keys in vector registers, four queries at a time. On a 2-cor
 (16, 8, 256, 8) self-attention (0.27 GFLOP) took 4.3 ms forward and 17 ms forward and backward,
 against 12 and 52 ms through SDPA in the same run. torch.compile calls the op as it is.
 
-The C++ source is compiled once per machine on first use (about 3 s with g++; no PyTorch headers)
-into a cache directory and loaded with ctypes. Where that cannot happen (no compiler, not Linux or
-macOS, DIFFUSION_CPU_ATTENTION=0), `available()` is False and the layers use
-F.scaled_dot_product_attention instead.
+The C++ source is built with the toolkit's other CPU kernels (diffusion.models.cpu_kernels). Where
+that cannot happen, `available()` is False and the layers use F.scaled_dot_product_attention instead.
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import logging
-import os
-import platform
-import shutil
-import subprocess
 import sys
-import tempfile
-from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("attention_cpu.cpp")
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+from .cpu_kernels import available, library, loaded
+
+__all__ = ["HEAD_DIMS", "applies", "attention", "available", "library", "register_flop_formulas"]
+
 HEAD_DIMS = (8, 16, 24, 32)  # wider heads keep SDPA: its GEMMs are then large enough to run at full speed
-log = logging.getLogger(__name__)
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(os.environ.get("DIFFUSION_KERNEL_CACHE", Path(root) / "diffusion-kernels"))
-
-
-def cpu_signature() -> str:
-    """What -march=native compiles for: the CPU model and its flags."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-        lines = [line for line in info.splitlines() if line.startswith(("model name", "flags"))][:2]
-    except OSError:
-        lines = [platform.processor()]
-    return "\n".join([platform.machine(), *lines])
-
-
-def build(compiler: str) -> Path:
-    """Compile attention_cpu.cpp unless this source, these flags and this CPU already have a library."""
-    key = hashlib.sha256("\n".join([SOURCE.read_text(), compiler, *FLAGS, cpu_signature()]).encode()).hexdigest()[:16]
-    lib = cache_dir() / f"attention_cpu-{key}.so"
-    if lib.exists():
-        return lib
-    lib.parent.mkdir(parents=True, exist_ok=True)
-    # Build beside the target and rename: processes that start together (torchrun) never load a half-written file.
-    with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:
-        out = Path(tmp) / lib.name
-        subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(out)], check=True, capture_output=True, text=True)
-        os.replace(out, lib)
-    return lib
-
-
-_UNLOADED = object()
-_library: ctypes.CDLL | None | object = _UNLOADED
-
-
-def library() -> ctypes.CDLL | None:
-    """The compiled kernels, built and loaded on the first call; None where they cannot be."""
-    global _library
-    if _library is _UNLOADED:
-        _library = _load()
-    return _library
-
-
-def _load() -> ctypes.CDLL | None:
-    if os.environ.get("DIFFUSION_CPU_ATTENTION", "1") == "0":
-        return None
-    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
-    if compiler is None or platform.system() not in ("Linux", "Darwin"):
-        log.info("CPU attention kernel unavailable (no C++ compiler); using scaled_dot_product_attention")
-        return None
-    try:
-        lib = ctypes.CDLL(str(build(compiler)))
-    except (OSError, subprocess.CalledProcessError) as e:
-        detail = getattr(e, "stderr", "") or str(e)
-        log.warning("CPU attention kernel did not build (%s); using scaled_dot_product_attention",
-                    detail.strip().splitlines()[-1] if detail.strip() else type(e).__name__)
-        return None
-    i64, i32, ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
-    lib.attention_forward.argtypes = [ptr] * 5 + [i32] * 5 + [i64] * 12 + [ctypes.c_float, i32]
-    lib.attention_backward.argtypes = [ptr] * 9 + [i32] * 5 + [i64] * 15 + [ctypes.c_float, i32]
-    lib.attention_forward.restype = lib.attention_backward.restype = i32
-    return lib
-
-
-def available() -> bool:
-    return library() is not None
-
-
 HALF = (torch.bfloat16, torch.float16)
 
 
@@ -115,7 +37,7 @@ def applies(q: torch.Tensor, k: torch.Tensor) -> bool:
             and q.shape[-1] in HEAD_DIMS):
         return False
     if torch.compiler.is_compiling():
-        return _library is not None and _library is not _UNLOADED
+        return loaded()
     return available()
 
 
@@ -137,7 +59,7 @@ def _check(status: int) -> None:
 
 # Defined through torch.library.Library rather than the custom_op decorator, which imports
 # torch._dynamo (about 2 s) on the way: sampling must start without it.
-_lib = torch.library.Library("diffusion", "DEF")
+_lib = torch.library.Library("diffusion", "FRAGMENT")  # cpu_norm adds to the same namespace
 _lib.define("cpu_attention(Tensor q, Tensor k, Tensor v, float scale) -> (Tensor, Tensor)")
 _lib.define("cpu_attention_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float scale)"
             " -> (Tensor, Tensor, Tensor)")

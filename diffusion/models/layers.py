@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from diffusion.models import cpu_attention
+from diffusion.models import cpu_attention, cpu_kernels, cpu_norm
 
 
 def zero_module(module: nn.Module) -> nn.Module:
@@ -31,10 +31,22 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     return emb
 
 
-def norm_silu(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """SiLU(norm(x)). With no gradient recorded the SiLU runs in place on the norm's fresh output;
-    under autograd it must not, or autograd copies the input it keeps for the backward pass."""
-    return F.silu(norm(x), inplace=not torch.is_grad_enabled())
+def group_norm(norm: nn.GroupNorm, x: torch.Tensor, silu: bool = False) -> torch.Tensor:
+    """norm(x), then SiLU if `silu`. Without autograd, fp32 channels-last maps on the CPU run
+    cpu_norm's kernel, both steps in one pass.
+
+    Otherwise, with no gradient recorded the SiLU runs in place on the norm's fresh output; under
+    autograd it must not, or autograd copies the input it keeps for the backward pass.
+    """
+    if cpu_norm.applies(x, norm):
+        return cpu_norm.group_norm(x, norm, silu)
+    y = norm(x)
+    return F.silu(y, inplace=not torch.is_grad_enabled()) if silu else y
+
+
+def norm_silu(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
+    """SiLU(norm(x))."""
+    return group_norm(norm, x, silu=True)
 
 
 # The blocks below add residuals in place into a branch's fresh output (a conv's or a linear's), as
@@ -65,6 +77,9 @@ class ResBlock(nn.Module):
         if zero_init:
             zero_module(self.conv2)
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+        # Built (once per machine) and loaded here rather than on the first call, which may be inside
+        # a torch.compile trace, where nothing can be built.
+        cpu_kernels.library()
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
         # emb arrives already passed through SiLU: the U-Net applies it once for all blocks.
@@ -135,9 +150,7 @@ class Attention(nn.Module):
             self.to_qkv = nn.Linear(dim, 3 * dim, bias=bias)
         self.to_out = nn.Linear(dim, dim)
         if dim // heads in cpu_attention.HEAD_DIMS:
-            # Built (once per machine) and loaded here rather than on the first call, which may be
-            # inside a torch.compile trace, where nothing can be built.
-            cpu_attention.library()
+            cpu_kernels.library()  # as in ResBlock
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | PreparedContext | None = None) -> torch.Tensor:
         # x: (B, N, C); context: (B, M, C_ctx)
@@ -212,9 +225,9 @@ class SpatialTransformer(nn.Module):
     def forward(self, x: torch.Tensor, context: torch.Tensor | PreparedContext) -> torch.Tensor:
         _, _, h, w = x.shape
         if self.linear:
-            y = self.proj_in(rearrange(self.norm(x), "b c h w -> b (h w) c"))
+            y = self.proj_in(rearrange(group_norm(self.norm, x), "b c h w -> b (h w) c"))
         else:
-            y = rearrange(self.proj_in(self.norm(x)), "b c h w -> b (h w) c")
+            y = rearrange(self.proj_in(group_norm(self.norm, x)), "b c h w -> b (h w) c")
         for block in self.blocks:
             y = block(y, context)
         if self.linear:
@@ -232,5 +245,5 @@ class SelfAttention2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _, _, h, w = x.shape
-        y = self.attn(rearrange(self.norm(x), "b c h w -> b (h w) c"))
+        y = self.attn(rearrange(group_norm(self.norm, x), "b c h w -> b (h w) c"))
         return x + rearrange(y, "b (h w) c -> b c h w", h=h, w=w)
