@@ -2,7 +2,9 @@
 // of small U-Nets, where PyTorch's flash kernel spends its time in thousands of tiny GEMM calls.
 //
 // Each (batch, head) pair is one task, run start to end by one thread: results do not depend on the
-// number of threads, and the backward pass accumulates dK and dV without atomics. Within a task the
+// number of threads, and the backward pass accumulates dK and dV without atomics. Threads take tasks
+// as they finish (dynamic schedule), so that on a shared machine one descheduled thread does not hold
+// up the whole call. Within a task the
 // keys (and for 8-wide heads the values) are transposed to (D, M) so that the inner loops run along the
 // M keys, eight at a time, whatever the head width D. The score row is kept whole (M floats), so the
 // softmax is the two-pass one (max, then exp and sum), in base 2 with scale log2(e) folded into q as in
@@ -337,7 +339,7 @@ int attention_forward(const float* q, const float* k, const float* v, float* out
         float* Vr = alloc((size_t)D * Mp);
         float* buf = alloc((size_t)ROWS * Mp);
         if (!Kt || !Vr || !buf) failed = 1;
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 1)
         for (int task = 0; task < B * H; ++task) {
             if (failed) continue;
             const int b = task / H, h = task % H;
@@ -382,7 +384,7 @@ int attention_backward(const float* q, const float* k, const float* v, const flo
         float* dVt = alloc((size_t)D * Mp);
         float* buf = alloc((size_t)2 * CHUNK * Mp);
         if (!Kt || !Vt || !Kr || !dKt || !dVt || !buf) failed = 1;
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 1)
         for (int task = 0; task < B * H; ++task) {
             if (failed) continue;
             const int b = task / H, h = task % H;

@@ -5,7 +5,7 @@
 // C, up to 64. It sums each channel over the rows in vector registers, then combines the channels of
 // each group, and writes y = x * a + s (a = rstd * weight, s = bias - mean * a, as PyTorch's kernel
 // computes it), then SiLU. The chunks depend on C and G only, so the results do not depend on the
-// batch or the number of threads.
+// batch or the number of threads; threads take tasks as they finish, as in attention_cpu.cpp.
 //
 // The sums are of x minus the channel's first value, in fp32 over blocks of 128 rows and in double
 // across blocks: the variance then keeps its precision when the mean is large against the spread.
@@ -102,7 +102,7 @@ int group_norm_forward(const float* x, const float* weight, const float* bias, f
     if (chunk > CHUNK) return 2;
     while (2 * chunk <= CHUNK && C % (2 * chunk) == 0) chunk *= 2;  // longer runs of each row
     const int chunks = C / chunk, nv = chunk / W;
-#pragma omp parallel for schedule(static) num_threads(threads)
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
     for (int task = 0; task < B * chunks; ++task) {
         const int b = task / chunks, c0 = task % chunks * chunk;
         const float* xb = x + (int64_t)b * HW * C;
