@@ -76,21 +76,26 @@ def test_results_do_not_depend_on_the_batch_or_the_threads():
 
 def test_where_the_kernel_does_not_apply():
     x, norm = channels_last_map(2, 64, 4, 4), affine_norm(64, 32)
-    assert not cpu_norm.applies(x.contiguous(), norm)  # NCHW: the layers keep nn.GroupNorm
-    assert not cpu_norm.applies(x.bfloat16(), norm)
-    assert not cpu_norm.applies(x, nn.GroupNorm(32, 64, affine=False))
-    assert not cpu_norm.applies(channels_last_map(1, 72, 4, 4), affine_norm(72, 8))  # groups of 9: chunks of 72 channels
-    assert not cpu_norm.applies(channels_last_map(1, 12, 4, 4), affine_norm(12, 4))  # channels off the vectors of 8
-    assert not cpu_norm.applies(x, norm)  # with grad mode on, the weights require grad
+    # Gradients first: with grad mode on, the weights require grad.
+    assert not cpu_norm.applies(x, norm)
     assert cpu_norm.applies(x, norm.requires_grad_(False))  # and here nothing does
-    assert not cpu_norm.applies(x.requires_grad_(), norm)
+    assert not cpu_norm.applies(x.clone().requires_grad_(), norm)
+    # The rest with nothing recording gradients, each beside the case that does apply.
     with torch.no_grad():
         assert cpu_norm.applies(x, norm)
-    x = x.detach()
-    with pytest.raises(ValueError, match="72 channels in 8 groups"):
-        cpu_norm.group_norm(channels_last_map(1, 72, 4, 4), affine_norm(72, 8))
-    with pytest.raises(ValueError, match="fp32"):
-        cpu_norm.group_norm(x.detach().double(), norm)
+        assert not cpu_norm.applies(x.contiguous(), norm)  # NCHW: the layers keep nn.GroupNorm
+        assert not cpu_norm.applies(x.bfloat16(), norm)
+        assert not cpu_norm.applies(x, nn.GroupNorm(32, 64, affine=False))
+        assert cpu_norm.applies(channels_last_map(1, 40, 4, 4), affine_norm(40, 8))  # groups of 5: chunks of 40
+        assert not cpu_norm.applies(channels_last_map(1, 72, 4, 4), affine_norm(72, 8))  # groups of 9: chunks of 72
+        assert not cpu_norm.applies(channels_last_map(1, 12, 4, 4), affine_norm(12, 4))  # channels off the vectors of 8
+        assert not cpu_norm.applies(channels_last_map(0, 64, 4, 4), norm)  # nothing to normalise
+        with pytest.raises(ValueError, match="72 channels in 8 groups"):
+            cpu_norm.group_norm(channels_last_map(1, 72, 4, 4), affine_norm(72, 8))
+        with pytest.raises(ValueError, match="fp32"):
+            cpu_norm.group_norm(x.double(), norm)
+        empty = channels_last_map(2, 64, 0, 4)  # the op itself takes empty maps, as nn.GroupNorm does
+        assert cpu_norm.group_norm(empty, norm).shape == empty.shape
 
 
 def test_training_keeps_torch_group_norm_and_its_gradients():
