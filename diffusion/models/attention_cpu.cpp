@@ -4,9 +4,10 @@
 // Each (batch, head) pair is one task, run start to end by one thread: results do not depend on the
 // number of threads, and the backward pass accumulates dK and dV without atomics. Threads take tasks
 // as they finish (dynamic schedule), so that on a shared machine one descheduled thread does not hold
-// up the whole call. Within a task the
-// keys (and for 8-wide heads the values) are transposed to (D, M) so that the inner loops run along the
-// M keys, eight at a time, whatever the head width D. The score row is kept whole (M floats), so the
+// up the whole call.
+//
+// Within a task the keys (and for 8-wide heads the values) are transposed to (D, M) so that the inner
+// loops run along the M keys, eight at a time, whatever the head width D. The score row is kept whole (M floats), so the
 // softmax is the two-pass one (max, then exp and sum), in base 2 with scale log2(e) folded into q as in
 // FlashAttention-2; the backward pass recomputes it from the saved logsumexp.
 //

@@ -2,7 +2,7 @@
 
 attention_cpu.cpp (softmax attention for narrow heads, diffusion.models.cpu_attention) and
 group_norm_cpu.cpp (GroupNorm and SiLU for inference, diffusion.models.cpu_norm) compile into one
-library, with no PyTorch headers: about 4 s with g++ on first use, into a cache directory keyed by
+library, with no PyTorch headers: about 5 s with g++ on first use, into a cache directory keyed by
 the sources, the flags and the CPU. Where that cannot happen (no compiler, not Linux or macOS,
 DIFFUSION_CPU_KERNELS=0), `available()` is False and the layers use PyTorch's own operators.
 """
