@@ -101,7 +101,7 @@ def test_where_the_kernel_does_not_apply():
 def test_training_keeps_torch_group_norm_and_its_gradients():
     block = ResBlock(64, 64, emb_ch=16, groups=32)
     x = channels_last_map(2, 64, 8, 8).requires_grad_()
-    out = block(x, torch.randn(2, 16))
+    out = block(x, block.emb_proj(torch.randn(2, 16)))
     out.sum().backward()  # would fail through the kernel's op, which has no backward
     assert x.grad is not None and block.norm1.weight.grad is not None
 
@@ -116,7 +116,7 @@ def test_the_op_passes_torch_library_checks():
 def test_layers_use_the_kernel_without_autograd_and_match_torch(monkeypatch):
     torch.manual_seed(0)
     block, transformer = ResBlock(64, 128, emb_ch=16, groups=32).eval(), SpatialTransformer(128, 8, 24, groups=32).eval()
-    x, emb, context = channels_last_map(2, 64, 8, 8), torch.randn(2, 16), torch.randn(2, 5, 24)
+    x, emb, context = channels_last_map(2, 64, 8, 8), block.emb_proj(torch.randn(2, 16)), torch.randn(2, 5, 24)
     calls = []
     original = cpu_norm.group_norm
     monkeypatch.setattr(cpu_norm, "group_norm", lambda x, norm, silu=False: calls.append(silu) or original(x, norm, silu))

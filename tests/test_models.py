@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from diffusion.config import TextEncoderConfig, UNetConfig, VAEConfig
+from diffusion.models.layers import conv1x1, linear_all, pointwise, timestep_embedding
 from diffusion.models.text import TextEncoder
 from diffusion.models.unet import UNet
 from diffusion.models.vae import AutoencoderKL, DiagonalGaussian
@@ -206,6 +207,55 @@ def test_unet_gradient_checkpointing_matches():
     ckpt(x, t, ctx).square().mean().backward()
     for (name, a), b in zip(plain.named_parameters(), ckpt.parameters()):
         torch.testing.assert_close(a.grad, b.grad, atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_linear_all_is_each_layer_in_one_product():
+    torch.manual_seed(0)
+    layers, x = [torch.nn.Linear(24, n) for n in (8, 16, 4)], torch.randn(3, 5, 24)
+    outs = linear_all(x, layers)
+    assert [o.shape for o in outs] == [(3, 5, 8), (3, 5, 16), (3, 5, 4)]
+    for out, layer in zip(outs, layers):
+        torch.testing.assert_close(out, layer(x), atol=1e-6, rtol=1e-5)
+    # Gradients reach each layer's own parameters, as from separate calls.
+    sum((o * (i + 1)).sum() for i, o in enumerate(outs)).backward()
+    grads = [(layer.weight.grad.clone(), layer.bias.grad.clone()) for layer in layers]
+    for layer in layers:
+        layer.zero_grad()
+    sum((layer(x) * (i + 1)).sum() for i, layer in enumerate(layers)).backward()
+    for (gw, gb), layer in zip(grads, layers):
+        torch.testing.assert_close(gw, layer.weight.grad), torch.testing.assert_close(gb, layer.bias.grad)
+    assert linear_all(x, []) == ()
+    with pytest.raises(ValueError, match="all have biases or all have none"):
+        linear_all(x, [torch.nn.Linear(24, 8), torch.nn.Linear(24, 8, bias=False)])
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_conv1x1_and_pointwise_match_the_layers(channels_last):
+    torch.manual_seed(0)
+    conv, x = torch.nn.Conv2d(16, 24, 1), torch.randn(2, 16, 5, 7)
+    if channels_last:
+        conv, x = conv.to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last)
+    out = conv1x1(conv, x)
+    torch.testing.assert_close(out, conv(x), atol=1e-6, rtol=1e-5)
+    assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    tokens = x.permute(0, 2, 3, 1).reshape(2, 35, 16)  # (B, H*W, C)
+    torch.testing.assert_close(pointwise(conv, tokens), conv(x).permute(0, 2, 3, 1).reshape(2, 35, 24), atol=1e-6, rtol=1e-5)
+    linear = torch.nn.Linear(16, 24)
+    torch.testing.assert_close(pointwise(linear, tokens), linear(tokens))
+
+
+def test_unet_timestep_projections_are_each_resblocks():
+    net = tiny_unet()
+    t = torch.tensor([3, 700])
+    emb = torch.nn.functional.silu(net.time_mlp(timestep_embedding(t, net.cfg.model_channels)))
+    blocks = [*net.down, *net.mid, *net.up]
+    projected = net.timestep_projections(t, torch.float32)
+    assert len(projected) == len(blocks)
+    for block, out in zip(blocks, projected):
+        if block.res is None:
+            assert out is None
+        else:
+            torch.testing.assert_close(out, block.res.emb_proj(emb), atol=1e-6, rtol=1e-5)
 
 
 def test_unet_rejects_bad_widths():

@@ -26,29 +26,24 @@ def test_generate_returns_images_with_parameters(tiny_pipeline):
 
 
 @pytest.mark.parametrize("guidance", [1.0, 5.0])
-def test_generation_projects_the_text_once_per_batch(tiny_pipeline, guidance):
-    """The cross-attention keys and values of the text are the same at every step: one projection
-    per layer and batch, and the images are those of projecting it at every step."""
-    unet = tiny_pipeline.unet
-    calls = []
-    hooks = [layer.to_kv.register_forward_hook(lambda *a: calls.append(1)) for layer in unet.cross_attentions()]
-    try:
-        made = tiny_pipeline.generate(["a red circle", "a blue square", "a cyan circle"], steps=4, batch_size=2, guidance=guidance)
-    finally:
-        for h in hooks:
-            h.remove()
-    assert len(calls) == 2 * len(unet.cross_attentions())  # two batches, whatever the number of steps
+def test_generation_projects_the_text_once_per_batch(tiny_pipeline, guidance, monkeypatch):
+    """The cross-attention keys and values of the text are the same at every step: projected once
+    per batch, and the images are those of projecting them at every step."""
+    import diffusion.pipeline
 
-    def every_step(context):  # what a sampler would do without prepare_context
-        return context
-
+    unet, calls = tiny_pipeline.unet, []
     original = unet.prepare_context
-    unet.prepare_context = every_step
-    try:
-        plain = tiny_pipeline.generate(["a red circle", "a blue square", "a cyan circle"], steps=4, batch_size=2, guidance=guidance)
-    finally:
-        del unet.prepare_context
-    assert unet.prepare_context == original
+    monkeypatch.setattr(unet, "prepare_context", lambda context: calls.append(1) or original(context))
+    prompts = ["a red circle", "a blue square", "a cyan circle"]
+    made = tiny_pipeline.generate(prompts, steps=4, batch_size=2, guidance=guidance)
+    assert len(calls) == 2  # two batches, whatever the number of steps
+
+    # Without `prepare`, the U-Net is handed the bare context and projects it itself at every step.
+    cfg_with = diffusion.pipeline.classifier_free_guidance
+    monkeypatch.setattr(diffusion.pipeline, "classifier_free_guidance", lambda *a, prepare=None: cfg_with(*a))
+    calls.clear()
+    plain = tiny_pipeline.generate(prompts, steps=4, batch_size=2, guidance=guidance)
+    assert len(calls) >= 2 * 4
     assert np.array_equal(pixels(made), pixels(plain))
 
 

@@ -31,6 +31,50 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     return emb
 
 
+def linear_all(x: torch.Tensor, layers: list[nn.Linear]) -> tuple[torch.Tensor, ...]:
+    """(layer(x) for layer in layers), as one matrix product of x by the layers' stacked weights.
+
+    One large product runs much faster than many small ones on a CPU, where each call pays its
+    threads' start-up. The outputs are views into one buffer. The weights are read as `weight`, so
+    a parametrization (LoRA training) is applied, and gradients reach each layer's own parameters.
+    """
+    if not layers:
+        return ()
+    if len({layer.bias is None for layer in layers}) > 1:
+        raise ValueError("linear_all: the layers must all have biases or all have none")
+    weight = torch.cat([layer.weight for layer in layers])
+    bias = None if layers[0].bias is None else torch.cat([layer.bias for layer in layers])
+    return linear(x, weight, bias).split([layer.out_features for layer in layers], dim=-1)
+
+
+def pointwise(layer: nn.Linear | nn.Conv2d, tokens: torch.Tensor) -> torch.Tensor:
+    """A Linear layer, or a 1x1 conv as the same per-position map, on (..., C) tokens.
+
+    A 1x1 conv over a channels-last map is this product over its rows; oneDNN's convolution ran it
+    at half the speed of the matrix product at the U-Net's sizes.
+    """
+    weight = layer.weight.flatten(1) if isinstance(layer, nn.Conv2d) else layer.weight  # (C_out, C_in)
+    return linear(tokens, weight, layer.bias)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear(x, weight, bias). Compiled for inference, the bias is added after the product instead,
+    so that inductor fuses it into the kernel that reads the output next: the CPU's addmm first
+    copies the bias into every output row, one more pass over memory in a call of its own. (Compiled
+    training steps measured no faster that way.)"""
+    if bias is None or torch.is_grad_enabled() or not torch.compiler.is_compiling():
+        return F.linear(x, weight, bias)
+    return F.linear(x, weight) + bias
+
+
+def conv1x1(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """conv(x) for a 1x1 conv on a (B, C, H, W) map; on a channels-last map, as `pointwise` over its
+    positions, which gives a channels-last map."""
+    if not x.is_contiguous(memory_format=torch.channels_last):
+        return conv(x)
+    return pointwise(conv, x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # (B, H, W, C) views
+
+
 def group_norm(norm: nn.GroupNorm, x: torch.Tensor, silu: bool = False) -> torch.Tensor:
     """norm(x), then SiLU if `silu`. Without autograd, fp32 channels-last maps on the CPU run
     cpu_norm's kernel, both steps in one pass.
@@ -81,13 +125,14 @@ class ResBlock(nn.Module):
         # a torch.compile trace, where nothing can be built.
         cpu_kernels.library()
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
-        # emb arrives already passed through SiLU: the U-Net applies it once for all blocks.
+    def forward(self, x: torch.Tensor, emb_out: torch.Tensor | None = None) -> torch.Tensor:
+        """emb_out: this block's timestep projection emb_proj(SiLU(emb)), (B, out_ch). The U-Net
+        computes all its blocks' in one product (UNet.timestep_projections)."""
         h = self.conv1(norm_silu(self.norm1, x))
-        if self.emb_proj is not None:
-            h += self.emb_proj(emb)[:, :, None, None]  # (B, out_ch, 1, 1) broadcast over H, W
+        if emb_out is not None:
+            h += emb_out[:, :, None, None]  # (B, out_ch, 1, 1) broadcast over H, W
         h = self.conv2(self.dropout(norm_silu(self.norm2, h)))
-        return h.add_(self.skip(x))
+        return h.add_(conv1x1(self.skip, x) if isinstance(self.skip, nn.Conv2d) else x)
 
 
 class Downsample(nn.Module):
@@ -166,7 +211,7 @@ class Attention(nn.Module):
         else:
             # SDPA forms q·kᵀ and the softmax in fp32 for fp16 inputs, where SD 2.x's attention would overflow.
             out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
-        return self.to_out(out.flatten(2))
+        return pointwise(self.to_out, out.flatten(2))
 
 
 class GEGLU(nn.Module):
@@ -183,9 +228,9 @@ class GEGLU(nn.Module):
         # contiguous, which GELU and the gating product run faster on. Same weights, same sums.
         w_a, w_gate = self.proj.weight.chunk(2)
         b_a, b_gate = self.proj.bias.chunk(2)
-        a, gate = F.linear(x, w_a, b_a), F.gelu(F.linear(x, w_gate, b_gate))  # (B, N, inner) each
+        a, gate = linear(x, w_a, b_a), F.gelu(linear(x, w_gate, b_gate))  # (B, N, inner) each
         # In place only without autograd, which would otherwise copy `gate` to keep it.
-        return self.out(gate.mul_(a) if not torch.is_grad_enabled() else a * gate)
+        return pointwise(self.out, gate.mul_(a) if not torch.is_grad_enabled() else a * gate)
 
 
 class TransformerBlock(nn.Module):
@@ -223,16 +268,12 @@ class SpatialTransformer(nn.Module):
         self.proj_out = zero_module(nn.Linear(ch, ch) if linear else nn.Conv2d(ch, ch, 1))
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | PreparedContext) -> torch.Tensor:
+        # Both layouts run as products over the tokens: free views of channels-last maps.
         _, _, h, w = x.shape
-        if self.linear:
-            y = self.proj_in(rearrange(group_norm(self.norm, x), "b c h w -> b (h w) c"))
-        else:
-            y = rearrange(self.proj_in(group_norm(self.norm, x)), "b c h w -> b (h w) c")
+        y = pointwise(self.proj_in, rearrange(group_norm(self.norm, x), "b c h w -> b (h w) c"))
         for block in self.blocks:
             y = block(y, context)
-        if self.linear:
-            return rearrange(self.proj_out(y), "b (h w) c -> b c h w", h=h, w=w).add_(x)
-        return self.proj_out(rearrange(y, "b (h w) c -> b c h w", h=h, w=w)).add_(x)
+        return rearrange(pointwise(self.proj_out, y), "b (h w) c -> b c h w", h=h, w=w).add_(x)
 
 
 class SelfAttention2d(nn.Module):

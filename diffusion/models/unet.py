@@ -23,7 +23,8 @@ from torch.utils.checkpoint import checkpoint
 
 from ..config import UNetConfig
 from .layers import (
-    Attention, Downsample, PreparedContext, ResBlock, SpatialTransformer, Upsample, norm_silu, timestep_embedding, zero_module,
+    Attention, Downsample, PreparedContext, ResBlock, SpatialTransformer, Upsample, linear_all, norm_silu, timestep_embedding,
+    zero_module,
 )
 
 
@@ -34,9 +35,10 @@ class UNetBlock(nn.Module):
         super().__init__()
         self.res, self.attn, self.resample = res, attn, resample
 
-    def forward(self, h, emb, context, out_size=None):
+    def forward(self, h, emb_out, context, out_size=None):
+        # emb_out: the ResBlock's timestep projection (UNet.timestep_projections), None without one.
         if self.res is not None:
-            h = self.res(h, emb)
+            h = self.res(h, emb_out)
         if self.attn is not None:
             h = self.attn(h, context)
         if isinstance(self.resample, Upsample):
@@ -105,35 +107,44 @@ class UNet(nn.Module):
         return [m for m in self.modules() if isinstance(m, Attention) and m.is_cross]
 
     def prepare_context(self, context: torch.Tensor) -> PreparedContext:
-        """`context` (B, L, context_dim) with every cross-attention layer's keys and values projected
-        once, for a sampler that calls forward with the same text at every step. forward gives the
-        same result with either, bit for bit: the projections are the same products on the same rows."""
-        return PreparedContext(context, tuple(layer.to_kv(context) for layer in self.cross_attentions()))
+        """`context` (B, L, context_dim) with every cross-attention layer's keys and values projected,
+        all in one product. forward does this itself when given the context alone; a sampler that
+        calls it with the same text at every step passes this instead, computed once."""
+        return PreparedContext(context, linear_all(context, [layer.to_kv for layer in self.cross_attentions()]))
 
-    def _run(self, block: UNetBlock, h, emb, context, out_size=None):
+    def timestep_projections(self, t: torch.Tensor, dtype: torch.dtype) -> list[torch.Tensor | None]:
+        """Per block of down, mid and up in order, its ResBlock's emb_proj(SiLU(emb(t))), (B, C) (None
+        where a block has no ResBlock), all in one product."""
+        emb = F.silu(self.time_mlp(timestep_embedding(t, self.cfg.model_channels).to(dtype)))  # (B, 4*mc)
+        blocks = [*self.down, *self.mid, *self.up]
+        projected = iter(linear_all(emb, [block.res.emb_proj for block in blocks if block.res is not None]))
+        return [next(projected) if block.res is not None else None for block in blocks]
+
+    def _run(self, block: UNetBlock, h, emb_out, context, out_size=None):
         if self.cfg.gradient_checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(block, h, emb, context, out_size, use_reentrant=False)
-        return block(h, emb, context, out_size)
+            return checkpoint(block, h, emb_out, context, out_size, use_reentrant=False)
+        return block(h, emb_out, context, out_size)
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor | PreparedContext) -> torch.Tensor:
         """x_t: (B, C, H, W) noisy latents; t: (B,) or scalar timesteps; context: (B, L, context_dim),
         or that from prepare_context."""
         if t.ndim == 0:
             t = t.expand(x_t.shape[0])
-        # Every ResBlock's timestep projection starts with SiLU; apply it once here for all of them.
-        emb = F.silu(self.time_mlp(timestep_embedding(t, self.cfg.model_channels).to(x_t.dtype)))  # (B, 4*mc)
+        if not isinstance(context, PreparedContext):
+            context = self.prepare_context(context)
+        emb_outs = iter(self.timestep_projections(t, x_t.dtype))
 
         h = self.conv_in(x_t)
         skips = [h]
         for block in self.down:
-            h = self._run(block, h, emb, context)
+            h = self._run(block, h, next(emb_outs), context)
             skips.append(h)
         for block in self.mid:
-            h = self._run(block, h, emb, context)
+            h = self._run(block, h, next(emb_outs), context)
         for block in self.up:
             h = torch.cat([h, skips.pop()], dim=1)
             # An upsampler must land on the next skip's size, which is odd when the input side was.
             out_size = tuple(skips[-1].shape[-2:]) if block.resample is not None else None
-            h = self._run(block, h, emb, context, out_size)
+            h = self._run(block, h, next(emb_outs), context, out_size)
         # Hand back the usual contiguous (B, C, H, W) layout; with C = 4 the copy is negligible.
         return self.conv_out(norm_silu(self.norm_out, h)).contiguous()
