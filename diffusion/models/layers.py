@@ -261,7 +261,6 @@ class SpatialTransformer(nn.Module):
 
     def __init__(self, ch: int, heads: int, context_dim: int, depth: int = 1, groups: int = 32, linear: bool = False):
         super().__init__()
-        self.linear = linear
         self.norm = nn.GroupNorm(groups, ch, eps=1e-6)
         self.proj_in = nn.Linear(ch, ch) if linear else nn.Conv2d(ch, ch, 1)
         self.blocks = nn.ModuleList(TransformerBlock(ch, heads, context_dim) for _ in range(depth))
