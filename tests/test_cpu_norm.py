@@ -1,4 +1,4 @@
-"""The CPU group norm kernel against float64 GroupNorm (and SiLU), and where the layers use it."""
+"""The CPU group norm kernel and its backward pass against float64 GroupNorm (and SiLU), and where the layers use it."""
 
 import pytest
 import torch
@@ -76,11 +76,8 @@ def test_results_do_not_depend_on_the_batch_or_the_threads():
 
 def test_where_the_kernel_does_not_apply():
     x, norm = channels_last_map(2, 64, 4, 4), affine_norm(64, 32)
-    # Gradients first: with grad mode on, the weights require grad.
-    assert not cpu_norm.applies(x, norm)
-    assert cpu_norm.applies(x, norm.requires_grad_(False))  # and here nothing does
-    assert not cpu_norm.applies(x.clone().requires_grad_(), norm)
-    # The rest with nothing recording gradients, each beside the case that does apply.
+    assert cpu_norm.applies(x.clone().requires_grad_(), norm)  # training too: the op has its backward
+    # Each beside the case that does apply.
     with torch.no_grad():
         assert cpu_norm.applies(x, norm)
         assert not cpu_norm.applies(x.contiguous(), norm)  # NCHW: the layers keep nn.GroupNorm
@@ -98,19 +95,88 @@ def test_where_the_kernel_does_not_apply():
         assert cpu_norm.group_norm(empty, norm).shape == empty.shape
 
 
-def test_training_keeps_torch_group_norm_and_its_gradients():
-    block = ResBlock(64, 64, emb_ch=16, groups=32)
-    x = channels_last_map(2, 64, 8, 8).requires_grad_()
-    out = block(x, block.emb_proj(torch.randn(2, 16)))
-    out.sum().backward()  # would fail through the kernel's op, which has no backward
-    assert x.grad is not None and block.norm1.weight.grad is not None
+def float64_grads(x, norm, silu, dy):
+    """d(norm(x), then SiLU if silu)·dy by x, weight and bias, all in float64."""
+    leaves = [t.detach().double().requires_grad_() for t in (x, norm.weight, norm.bias)]
+    y = F.group_norm(leaves[0], norm.num_groups, leaves[1], leaves[2], norm.eps)
+    return torch.autograd.grad(F.silu(y) if silu else y, leaves, dy.double())
 
 
-def test_the_op_passes_torch_library_checks():
+def kernel_grads(x, norm, silu, dy):
+    x = x.detach().clone().requires_grad_()
+    return torch.autograd.grad(cpu_norm.group_norm(x, norm, silu), (x, norm.weight, norm.bias), dy)
+
+
+@pytest.mark.parametrize("silu", [False, True])
+@pytest.mark.parametrize("B, C, H, W, G", SHAPES)
+def test_backward_matches_float64(B, C, H, W, G, silu):
+    x, norm = channels_last_map(B, C, H, W, mean=0.5, std=2.0), affine_norm(C, G)
+    dy = channels_last_map(B, C, H, W, seed=2)
+    got, want = kernel_grads(x, norm, silu, dy), float64_grads(x, norm, silu, dy)
+    assert got[0].is_contiguous(memory_format=torch.channels_last)
+    # dx's own scale, dy * weight / std: in groups of two values (1x1 maps, 2 channels per group) the
+    # exact dx is about 0, and both float64 and the kernel give rounding noise of this size.
+    dx_scale = (dy.abs().max() * norm.weight.abs().max() / x.std()).item()
+    for name, g, w in zip(("x", "weight", "bias"), got, want):
+        assert g.shape == w.shape and g.dtype == torch.float32
+        scale = max(w.abs().max().item(), dx_scale if name == "x" else 0.0)
+        assert (g.double() - w).abs().max() <= 4e-6 * scale, name
+
+
+def test_backward_keeps_its_precision_when_the_mean_is_large_against_the_spread():
+    x, norm = channels_last_map(2, 64, 16, 16, mean=1000.0, std=0.01), affine_norm(64, 32)
+    dy = channels_last_map(2, 64, 16, 16, seed=2)
+    got, want = kernel_grads(x, norm, True, dy), float64_grads(x, norm, True, dy)
+    for g, w in zip(got, want):
+        assert (g.double() - w).abs().max() <= 1e-4 * w.abs().max()
+
+
+def test_backward_does_not_depend_on_the_batch_or_the_threads():
+    x, norm = channels_last_map(4, 64, 16, 16), affine_norm(64, 32)
+    dy = channels_last_map(4, 64, 16, 16, seed=2)
+    threads = torch.get_num_threads()
+    whole = kernel_grads(x, norm, True, dy)
+    torch.set_num_threads(1)
+    try:
+        one_thread = kernel_grads(x, norm, True, dy)
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(whole, one_thread))
+    alone = kernel_grads(*(t[2:3].contiguous(memory_format=torch.channels_last) for t in (x,)), norm, True,
+                         dy[2:3].contiguous(memory_format=torch.channels_last))
+    assert torch.equal(alone[0], whole[0][2:3])
+
+
+def test_training_a_block_through_the_kernel_gives_torch_gradients(monkeypatch):
+    torch.manual_seed(0)
+    block = ResBlock(64, 128, emb_ch=16, groups=32)
+    x, emb = channels_last_map(2, 64, 8, 8), torch.randn(2, 16)
+
+    def grads():
+        x_ = x.clone().requires_grad_()
+        block.zero_grad()
+        block(x_, block.emb_proj(emb)).square().sum().backward()
+        return [x_.grad] + [p.grad.clone() for p in block.parameters()]
+
+    calls = []
+    original = cpu_norm.group_norm
+    monkeypatch.setattr(cpu_norm, "group_norm", lambda x, norm, silu=False: calls.append(silu) or original(x, norm, silu))
+    fast = grads()
+    assert calls == [True, True]
+    monkeypatch.setattr(cpu_norm, "applies", lambda x, norm: False)
+    plain = grads()
+    for a, b in zip(fast, plain):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * b.abs().max().item())
+
+
+def test_the_ops_pass_torch_library_checks():
     x, norm = channels_last_map(2, 64, 5, 5), affine_norm(64, 32)
-    with torch.no_grad():
-        torch.library.opcheck(torch.ops.diffusion.group_norm.default, (x, norm.weight, norm.bias, 32, 1e-6, True),
-                              test_utils=("test_schema", "test_faketensor"))
+    dy = channels_last_map(2, 64, 5, 5, seed=2)
+    torch.library.opcheck(torch.ops.diffusion.group_norm.default, (x.requires_grad_(), norm.weight, norm.bias, 32, 1e-6, True),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    torch.library.opcheck(torch.ops.diffusion.group_norm_backward.default,
+                          (dy, x.detach(), norm.weight.detach(), norm.bias.detach(), 32, 1e-6, True),
+                          test_utils=("test_schema", "test_faketensor"))
 
 
 def test_layers_use_the_kernel_without_autograd_and_match_torch(monkeypatch):

@@ -1,7 +1,7 @@
 """The toolkit's C++ kernels for the CPU, built once per machine and loaded with ctypes.
 
 attention_cpu.cpp (softmax attention for narrow heads, diffusion.models.cpu_attention) and
-group_norm_cpu.cpp (GroupNorm and SiLU for inference, diffusion.models.cpu_norm) compile into one
+group_norm_cpu.cpp (GroupNorm and SiLU with their backward pass, diffusion.models.cpu_norm) compile into one
 library, with no PyTorch headers: about 5 s with g++ on first use, into a cache directory keyed by
 the sources, the flags and the CPU. Where that cannot happen (no compiler, not Linux or macOS,
 DIFFUSION_CPU_KERNELS=0), `available()` is False and the layers use PyTorch's own operators.
@@ -97,6 +97,7 @@ def _load() -> ctypes.CDLL | None:
     lib.attention_forward.argtypes = [ptr] * 5 + [i32] * 5 + [i64] * 12 + [f32, i32]
     lib.attention_backward.argtypes = [ptr] * 9 + [i32] * 5 + [i64] * 15 + [f32, i32]
     lib.group_norm_forward.argtypes = [ptr] * 4 + [i32, i64, i32, i32, f32, i32, i32]
-    for fn in (lib.attention_forward, lib.attention_backward, lib.group_norm_forward):
+    lib.group_norm_backward.argtypes = [ptr] * 7 + [i32, i64, i32, i32, f32, i32, i32]
+    for fn in (lib.attention_forward, lib.attention_backward, lib.group_norm_forward, lib.group_norm_backward):
         fn.restype = i32
     return lib

@@ -76,8 +76,8 @@ def conv1x1(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
 
 
 def group_norm(norm: nn.GroupNorm, x: torch.Tensor, silu: bool = False) -> torch.Tensor:
-    """norm(x), then SiLU if `silu`. Without autograd, fp32 channels-last maps on the CPU run
-    cpu_norm's kernel, both steps in one pass.
+    """norm(x), then SiLU if `silu`. fp32 channels-last maps on the CPU run cpu_norm's kernel, both
+    steps in one pass (and in one backward pass).
 
     Otherwise, with no gradient recorded the SiLU runs in place on the norm's fresh output; under
     autograd it must not, or autograd copies the input it keeps for the backward pass.
