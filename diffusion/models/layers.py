@@ -88,6 +88,18 @@ def group_norm(norm: nn.GroupNorm, x: torch.Tensor, silu: bool = False) -> torch
     return F.silu(y, inplace=not torch.is_grad_enabled()) if silu else y
 
 
+def layer_norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    """norm(x) over the last dimension. Compiled for inference on the CPU, as its mean and then the mean
+    square of x - mean: inductor turns F.layer_norm into a Welford reduction, which took 0.6 ms for
+    (8, 256, 64) tokens against 0.35 ms for these two plain sums, both fused with the residual add
+    before them. (Compiled training steps measured 4% slower that way: their backward is another graph.)"""
+    if not (torch.compiler.is_compiling() and x.device.type == "cpu" and not torch.is_grad_enabled()):
+        return norm(x)
+    x_c = x - x.mean(-1, keepdim=True)
+    y = x_c * torch.rsqrt(x_c.square().mean(-1, keepdim=True) + norm.eps)
+    return y * norm.weight + norm.bias
+
+
 def norm_silu(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
     """SiLU(norm(x))."""
     return group_norm(norm, x, silu=True)
@@ -246,9 +258,9 @@ class TransformerBlock(nn.Module):
         self.ff = GEGLU(dim)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | PreparedContext) -> torch.Tensor:
-        x = self.attn1(self.norm1(x)).add_(x)
-        x = self.attn2(self.norm2(x), context).add_(x)
-        return self.ff(self.norm3(x)).add_(x)
+        x = self.attn1(layer_norm(self.norm1, x)).add_(x)
+        x = self.attn2(layer_norm(self.norm2, x), context).add_(x)
+        return self.ff(layer_norm(self.norm3, x)).add_(x)
 
 
 class SpatialTransformer(nn.Module):
