@@ -58,6 +58,11 @@ def _kernels_for(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, grou
     return lib
 
 
+def _check(status: int, channels: int, groups: int) -> None:
+    if status:  # 2, the only failure: supports() has already refused these
+        raise ValueError(f"the CPU group norm kernel does not take {channels} channels in {groups} groups")
+
+
 def _group_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int, eps: float,
                 silu: bool) -> torch.Tensor:
     lib = _kernels_for(x, weight, bias, groups)
@@ -66,8 +71,8 @@ def _group_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, group
     out = torch.empty_like(x, memory_format=torch.channels_last)
     if x.numel() == 0:  # the kernel reads each image's first row
         return out
-    lib.group_norm_forward(x.data_ptr(), weight.contiguous().data_ptr(), bias.contiguous().data_ptr(), out.data_ptr(),
-                           B, H * W, C, groups, eps, int(silu), torch.get_num_threads())
+    _check(lib.group_norm_forward(x.data_ptr(), weight.contiguous().data_ptr(), bias.contiguous().data_ptr(),
+                                  out.data_ptr(), B, H * W, C, groups, eps, int(silu), torch.get_num_threads()), C, groups)
     return out
 
 
@@ -80,9 +85,9 @@ def _group_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor
     per_image = torch.empty(2, B, C)  # each image's share of dweight, dbias
     if x.numel() == 0:
         return dx, weight.new_zeros(C), bias.new_zeros(C)
-    lib.group_norm_backward(dy.data_ptr(), x.data_ptr(), weight.contiguous().data_ptr(), bias.contiguous().data_ptr(),
-                            dx.data_ptr(), per_image[0].data_ptr(), per_image[1].data_ptr(),
-                            B, H * W, C, groups, eps, int(silu), torch.get_num_threads())
+    _check(lib.group_norm_backward(dy.data_ptr(), x.data_ptr(), weight.contiguous().data_ptr(), bias.contiguous().data_ptr(),
+                                   dx.data_ptr(), per_image[0].data_ptr(), per_image[1].data_ptr(),
+                                   B, H * W, C, groups, eps, int(silu), torch.get_num_threads()), C, groups)
     return dx, per_image[0].sum(0), per_image[1].sum(0)
 
 
