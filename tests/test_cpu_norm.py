@@ -142,8 +142,8 @@ def test_backward_does_not_depend_on_the_batch_or_the_threads():
     finally:
         torch.set_num_threads(threads)
     assert all(torch.equal(a, b) for a, b in zip(whole, one_thread))
-    alone = kernel_grads(*(t[2:3].contiguous(memory_format=torch.channels_last) for t in (x,)), norm, True,
-                         dy[2:3].contiguous(memory_format=torch.channels_last))
+    x2, dy2 = (t[2:3].contiguous(memory_format=torch.channels_last) for t in (x, dy))
+    alone = kernel_grads(x2, norm, True, dy2)
     assert torch.equal(alone[0], whole[0][2:3])
 
 

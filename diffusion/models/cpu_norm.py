@@ -49,12 +49,12 @@ def _kernels_for(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, grou
     lib = library()
     if lib is None:
         raise RuntimeError("the CPU group norm kernel is not available here; use nn.GroupNorm")
-    C = x.shape[1]
-    if not (x.dim() == 4 and x.dtype == weight.dtype == bias.dtype == torch.float32 and weight.shape == bias.shape == (C,)):
+    if x.dim() != 4 or not (x.dtype == weight.dtype == bias.dtype == torch.float32
+                            and weight.shape == bias.shape == (x.shape[1],)):
         raise ValueError(f"the CPU group norm kernel takes fp32 x (B, C, H, W) and weight, bias (C,); got "
                          f"{x.dtype} {tuple(x.shape)}, {weight.dtype} {tuple(weight.shape)}, {bias.dtype} {tuple(bias.shape)}")
-    if not supports(C, groups):
-        raise ValueError(f"the CPU group norm kernel does not take {C} channels in {groups} groups")
+    if not supports(x.shape[1], groups):
+        raise ValueError(f"the CPU group norm kernel does not take {x.shape[1]} channels in {groups} groups")
     return lib
 
 
@@ -82,9 +82,9 @@ def _group_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor
     B, C, H, W = x.shape
     dy, x = (t.contiguous(memory_format=torch.channels_last) for t in (dy, x))
     dx = torch.empty_like(x, memory_format=torch.channels_last)
-    per_image = torch.empty(2, B, C)  # each image's share of dweight, dbias
     if x.numel() == 0:
         return dx, weight.new_zeros(C), bias.new_zeros(C)
+    per_image = torch.empty(2, B, C)  # each image's share of dweight, dbias
     _check(lib.group_norm_backward(dy.data_ptr(), x.data_ptr(), weight.contiguous().data_ptr(), bias.contiguous().data_ptr(),
                                    dx.data_ptr(), per_image[0].data_ptr(), per_image[1].data_ptr(),
                                    B, H * W, C, groups, eps, int(silu), torch.get_num_threads()), C, groups)

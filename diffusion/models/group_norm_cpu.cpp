@@ -35,6 +35,12 @@ inline f8 sigmoid(f8 y) {
 
 inline f8 silu(f8 y) { return y * sigmoid(y); }
 
+// Adds a block's fp32 sums, nv vectors of them, to the double running sums.
+inline void add_block(double* sums, const f8* block, int nv) {
+    for (int v = 0; v < nv; ++v)
+        for (int i = 0; i < W; ++i) sums[v * W + i] += block[v][i];
+}
+
 // Per channel c of [c0, c0 + n): s1 = Σ (x - k), s2 = Σ (x - k)² over the HW rows, with k = x[0][c].
 void channel_sums(const float* x, int64_t HW, int C, int c0, int n, double* s1, double* s2, float* k) {
     const int nv = n / W;
@@ -56,11 +62,8 @@ void channel_sums(const float* x, int64_t HW, int C, int c0, int n, double* s1, 
                 b[v] += d * d;
             }
         }
-        for (int v = 0; v < nv; ++v)
-            for (int i = 0; i < W; ++i) {
-                s1[v * W + i] += a[v][i];
-                s2[v * W + i] += b[v][i];
-            }
+        add_block(s1, a, nv);
+        add_block(s2, b, nv);
     }
 }
 
@@ -150,7 +153,6 @@ int group_norm_forward(const float* x, const float* weight, const float* bias, f
     return 0;
 }
 
-
 // The gradients of group_norm_forward (same arguments) for the incoming gradient dy (B, HW, C): dx
 // (B, HW, C), and each image's share of the weight's and bias's, dweight_b and dbias_b (B, C), which the
 // caller sums over the images in a fixed order. With z = x * a + s the norm's output and dz the gradient
@@ -205,11 +207,8 @@ int group_norm_backward(const float* dy, const float* x, const float* weight, co
                     q[v] += dz * xk;
                 }
             }
-            for (int v = 0; v < nv; ++v)
-                for (int i = 0; i < W; ++i) {
-                    sum_dz[v * W + i] += p[v][i];
-                    sum_dzx[v * W + i] += q[v][i];
-                }
+            add_block(sum_dz, p, nv);
+            add_block(sum_dzx, q, nv);
         }
         // dx = dz * a + (x - k) * m + u per channel: a = rstd w as above, m = -rstd² S2 / N and
         // u = -rstd S1 / N + m (k - mean), with S1 = Σ_g w dz and S2 = Σ_g w dz x̂ over the channel's group.
