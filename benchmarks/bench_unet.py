@@ -54,7 +54,7 @@ import torch  # noqa: E402
 import diffusers  # noqa: E402
 
 from benchmarks.measure import (  # noqa: E402
-    UNetTimer, collect_peak_rss, count_flops, interleaved, matmul_peaks, peak_rss_of, register_cpu_attention_flops, sync,
+    UNetTimer, collect_peak_rss, count_flops, interleaved, matmul_peaks, peak_rss_of, register_cpu_op_flops, sync,
 )
 from benchmarks.sides import (  # noqa: E402
     SIDES, DiffusersSide, build_diffusers, build_diffusers_unet, build_ours, diffusers_generate, no_zero_weights,
@@ -105,7 +105,7 @@ def set_up(args: argparse.Namespace) -> Settings:
         # Entered for the rest of the process: a context that is garbage-collected would restore the default kernels.
         sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]).__enter__()
     print(machine_line(device, args.threads))
-    register_cpu_attention_flops()
+    register_cpu_op_flops()
     return Settings(args, device, sizes, fmt, gen_dtype)
 
 

@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 from torch.utils import flop_counter
 
-from diffusion.models import cpu_attention
+from diffusion.models import cpu_attention, cpu_conv
 
 
 def sync(device: torch.device) -> None:
@@ -66,10 +66,11 @@ def matmul_peaks(device: torch.device, quick: bool) -> dict[str, float]:
     return peak
 
 
-def register_cpu_attention_flops() -> None:
-    """flop_counter knows the CUDA attention kernels but not the CPU one SDPA picks, nor ours
-    (diffusion.models.cpu_attention): count them alike."""
+def register_cpu_op_flops() -> None:
+    """flop_counter knows the CUDA attention kernels but not the CPU one SDPA picks, nor our CPU ops
+    (diffusion.models.cpu_attention and cpu_conv): count them alike."""
     cpu_attention.register_flop_formulas()
+    cpu_conv.register_flop_formulas()
     aten = torch.ops.aten
     fwd, bwd = aten._scaled_dot_product_flash_attention_for_cpu, aten._scaled_dot_product_flash_attention_for_cpu_backward
     if fwd in flop_counter.flop_registry:

@@ -63,7 +63,7 @@ import torch  # noqa: E402
 import diffusers  # noqa: E402
 
 from benchmarks.bench_unet import machine_line  # noqa: E402
-from benchmarks.measure import count_flops, interleaved, matmul_peaks, register_cpu_attention_flops  # noqa: E402
+from benchmarks.measure import count_flops, interleaved, matmul_peaks, register_cpu_op_flops  # noqa: E402
 from benchmarks.sides import SIDES, build_diffusers_unet, no_zero_weights  # noqa: E402
 from benchmarks.workloads import Sizes, call_for, make_train_step, unet_inputs  # noqa: E402
 from diffusion.config import PipelineConfig, load_config  # noqa: E402
@@ -290,7 +290,7 @@ def main(argv=None) -> list[dict]:
     # As bench_unet.py: channels_last weights and inputs on both sides on a GPU.
     memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     diffusers.utils.logging.set_verbosity_error()
-    register_cpu_attention_flops()
+    register_cpu_op_flops()
     base_cfg = load_config(SHAPES).pipeline_config()
     machine = machine_line(device, torch.get_num_threads())
     print_header(plan, base_cfg, machine, args.dtype)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from diffusion.models import cpu_attention, cpu_kernels, cpu_norm
+from diffusion.models import cpu_attention, cpu_conv, cpu_kernels, cpu_norm
 
 
 def zero_module(module: nn.Module) -> nn.Module:
@@ -18,6 +18,15 @@ def zero_module(module: nn.Module) -> nn.Module:
     for p in module.parameters():
         nn.init.zeros_(p)
     return module
+
+
+class Conv2d(nn.Conv2d):
+    """nn.Conv2d, whose CPU inference reuses a weight reordered for oneDNN (cpu_conv)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if cpu_conv.applies(x, self):
+            return cpu_conv.conv2d(x, self)
+        return super().forward(x)
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -126,11 +135,11 @@ class ResBlock(nn.Module):
     ):
         super().__init__()
         self.norm1 = nn.GroupNorm(groups, in_ch, eps=eps)
-        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.conv1 = Conv2d(in_ch, out_ch, 3, padding=1)
         self.emb_proj = nn.Linear(emb_ch, out_ch) if emb_ch else None
         self.norm2 = nn.GroupNorm(groups, out_ch, eps=eps)
         self.dropout = nn.Dropout(dropout)
-        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        self.conv2 = Conv2d(out_ch, out_ch, 3, padding=1)
         if zero_init:
             zero_module(self.conv2)
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
@@ -154,7 +163,7 @@ class Downsample(nn.Module):
     def __init__(self, ch: int, asymmetric_pad: bool = False):
         super().__init__()
         self.asymmetric_pad = asymmetric_pad
-        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=0 if asymmetric_pad else 1)
+        self.conv = Conv2d(ch, ch, 3, stride=2, padding=0 if asymmetric_pad else 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.asymmetric_pad:
@@ -167,7 +176,7 @@ class Upsample(nn.Module):
 
     def __init__(self, ch: int):
         super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+        self.conv = Conv2d(ch, ch, 3, padding=1)
 
     def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
         # `size` lets the U-Net match a skip connection whose side was odd before downsampling.

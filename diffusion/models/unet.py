@@ -23,7 +23,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..config import UNetConfig
 from .layers import (
-    Attention, Downsample, PreparedContext, ResBlock, SpatialTransformer, Upsample, linear_all, norm_silu, timestep_embedding,
+    Attention, Conv2d, Downsample, PreparedContext, ResBlock, SpatialTransformer, Upsample, linear_all, norm_silu, timestep_embedding,
     zero_module,
 )
 
@@ -70,7 +70,7 @@ class UNet(nn.Module):
             return transformer(ch) if level in cfg.attention_levels else None
 
         self.time_mlp = nn.Sequential(nn.Linear(mc, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch))
-        self.conv_in = nn.Conv2d(cfg.in_channels, mc, 3, padding=1)
+        self.conv_in = Conv2d(cfg.in_channels, mc, 3, padding=1)
 
         # Encoder: remember each block's output width, since the decoder concatenates them back.
         self.down = nn.ModuleList()
@@ -97,7 +97,7 @@ class UNet(nn.Module):
                 ch = w
 
         self.norm_out = nn.GroupNorm(groups, ch, eps=cfg.norm_eps)
-        self.conv_out = zero_module(nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
+        self.conv_out = zero_module(Conv2d(ch, cfg.out_channels, 3, padding=1))
         for slot, layer in enumerate(self.cross_attentions()):
             layer.kv_slot = slot
         # Module.to, load_state_dict and optimisers preserve this layout from here on.

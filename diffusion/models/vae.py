@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..config import VAEConfig
-from .layers import Downsample, ResBlock, SelfAttention2d, Upsample, norm_silu
+from .layers import Conv2d, Downsample, ResBlock, SelfAttention2d, Upsample, norm_silu
 
 
 class DiagonalGaussian:
@@ -43,7 +43,7 @@ class Encoder(nn.Module):
     def __init__(self, cfg: VAEConfig):
         super().__init__()
         g, ch = cfg.norm_groups, cfg.channels
-        self.conv_in = nn.Conv2d(cfg.in_channels, ch, 3, padding=1)
+        self.conv_in = Conv2d(cfg.in_channels, ch, 3, padding=1)
         blocks: list[nn.Module] = []
         for level, mult in enumerate(cfg.channel_mult):
             for _ in range(cfg.num_res_blocks):
@@ -58,7 +58,7 @@ class Encoder(nn.Module):
             ResBlock(ch, ch, groups=g),
         )
         self.norm_out = nn.GroupNorm(g, ch, eps=1e-6)
-        self.conv_out = nn.Conv2d(ch, 2 * cfg.latent_channels, 3, padding=1)
+        self.conv_out = Conv2d(ch, 2 * cfg.latent_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.mid(self.blocks(self.conv_in(x)))
@@ -70,7 +70,7 @@ class Decoder(nn.Module):
         super().__init__()
         g = cfg.norm_groups
         ch = cfg.channels * cfg.channel_mult[-1]
-        self.conv_in = nn.Conv2d(cfg.latent_channels, ch, 3, padding=1)
+        self.conv_in = Conv2d(cfg.latent_channels, ch, 3, padding=1)
         self.mid = nn.Sequential(
             ResBlock(ch, ch, groups=g),
             SelfAttention2d(ch, g) if cfg.mid_attention else nn.Identity(),
@@ -85,7 +85,7 @@ class Decoder(nn.Module):
                 blocks.append(Upsample(ch))
         self.blocks = nn.Sequential(*blocks)
         self.norm_out = nn.GroupNorm(g, ch, eps=1e-6)
-        self.conv_out = nn.Conv2d(ch, cfg.in_channels, 3, padding=1)
+        self.conv_out = Conv2d(ch, cfg.in_channels, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = self.blocks(self.mid(self.conv_in(z)))
