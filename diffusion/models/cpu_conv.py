@@ -10,7 +10,8 @@ same oneDNN convolution, bit for bit (tests/test_cpu_conv.py).
 
 It runs only where no gradient is recorded, for fp32 channels-last maps outside autocast: inference,
 where the weights stay put. The check and the lookup run at every call, compiled or not, so a
-compiled graph never sees a stale weight.
+compiled graph never sees a stale weight. Inference keeps one reordered copy of each such weight, for
+the input shape it saw last.
 """
 
 from __future__ import annotations
