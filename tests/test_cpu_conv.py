@@ -69,11 +69,15 @@ def test_in_place_changes_and_new_shapes_reorder_again():
         assert torch.equal(conv(x), reference(conv, x))
         bigger = torch.randn(3, 64, 12, 10).to(memory_format=torch.channels_last)
         assert torch.equal(conv(bigger), reference(conv, bigger))
+        conv.to(torch.bfloat16).float()  # the same parameter objects and versions, rounded weights
+        assert torch.equal(conv(x), reference(conv, x))
+        conv.weight.data = torch.randn_like(conv.weight)  # new memory, the same version
+        assert torch.equal(conv(x), reference(conv, x))
     with torch.inference_mode():  # generate() runs in inference mode; the weights stay normal tensors
         conv.weight.add_(1.0)
         assert torch.equal(conv(x), reference(conv, x))
-    kept = cpu_conv._reordered[id(conv.weight)][1]
-    assert not kept.is_inference() and kept.grad_fn is None
+    kept = cpu_conv._reordered[id(conv.weight)]
+    assert not kept.weight.is_inference() and kept.weight.grad_fn is None and not kept.source.is_inference()
 
 
 def test_a_freed_weight_leaves_nothing_behind():

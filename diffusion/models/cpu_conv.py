@@ -4,9 +4,10 @@ PyTorch's CPU convolution hands oneDNN the weight in PyTorch's layout, and oneDN
 the blocked layout its kernel wants on every call: for a (256, 256, 3, 3) weight on a (8, 256, 4, 4)
 map that takes longer than the convolution itself (1.6 ms against 0.7 ms with the weight reordered
 beforehand, two threads). Here the reordered weight is kept beside the parameter, keyed by the
-parameter's version counter and the input's shape, so it is rebuilt whenever an in-place change (an
-optimizer step, load_state_dict, a merged LoRA) or a new input shape calls for it. The result is the
-same oneDNN convolution, bit for bit (tests/test_cpu_conv.py).
+parameter's version counter, its memory and the input's shape, so it is rebuilt whenever an in-place
+change (an optimizer step, load_state_dict, a merged LoRA), a cast or move (Module.to) or a new input
+shape calls for it. Like autograd, it cannot see a change made in place through `.data`, which bypasses
+the version counter. The result is the same oneDNN convolution, bit for bit (tests/test_cpu_conv.py).
 
 It runs only where no gradient is recorded, for fp32 channels-last maps outside autocast: inference,
 where the weights stay put. The check and the lookup run at every call, compiled or not, so a
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import sys
 import weakref
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -53,25 +55,39 @@ def conv2d(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
                                       list(conv.dilation), conv.groups)
 
 
-# id(weight) -> ((weight's version, x's shape), reordered weight): one entry per live weight, for the
-# shape it saw last, dropped when the weight is freed.
-_reordered: dict[int, tuple[tuple, torch.Tensor]] = {}
+class Reordered(NamedTuple):
+    key: tuple  # what the copy was made from: the weight's version, memory and dtype, and the call's shapes
+    source: torch.Tensor  # the weight's memory at the time, held so that no other tensor can take its address
+    weight: torch.Tensor  # the reordered copy
+
+
+# id(weight) -> its Reordered, for the input shape it saw last; dropped when the weight is freed.
+# In-place changes bump the version; `.data` swaps (Module.to) change the memory, whose address
+# `source` keeps from being reused by the next one.
+_reordered: dict[int, Reordered] = {}
 
 
 def reordered_weight(weight: torch.Tensor, x: torch.Tensor, stride, padding, dilation, groups: int) -> torch.Tensor:
     """weight in the layout oneDNN's convolution of x wants, reordered once per version and input shape."""
-    key = (weight._version, tuple(x.shape), tuple(stride), tuple(padding), tuple(dilation), groups)
+    key = (weight._version, weight.data_ptr(), weight.dtype, tuple(x.shape), tuple(stride), tuple(padding),
+           tuple(dilation), groups)
     entry = _reordered.get(id(weight))
     if entry is None:
         weakref.finalize(weight, _reordered.pop, id(weight), None)
-    elif entry[0] == key:
-        return entry[1]
-    # A normal tensor even inside inference_mode, so that it may be used outside it later; and one with no
+    elif entry.key == key:
+        return entry.weight
+    # Normal tensors even inside inference_mode, so that they may be used outside it later; and with no
     # autograd history, which would hold on to the weight and so keep it alive.
     with torch.inference_mode(False), torch.no_grad():
-        packed = torch.ops.mkldnn._reorder_convolution_weight(weight.detach(), padding, stride, dilation, groups, list(x.shape))
-    _reordered[id(weight)] = (key, packed)
+        source = weight.detach()
+        packed = torch.ops.mkldnn._reorder_convolution_weight(source, padding, stride, dilation, groups, list(x.shape))
+    _reordered[id(weight)] = Reordered(key, source, packed)
     return packed
+
+
+def forget(weight: torch.Tensor) -> None:
+    """Drop weight's reordered copy, if any."""
+    _reordered.pop(id(weight), None)
 
 
 _lib = torch.library.Library("diffusion", "FRAGMENT")
@@ -98,8 +114,8 @@ def _(x, weight, bias, stride, padding, dilation, groups):
 def register_flop_formulas() -> None:
     """Teach torch.utils.flop_counter this op, with the count it gives aten's convolution.
 
-    Done on import where flop_counter is already loaded, and by callers that load it later (it costs
-    every start a third of a second).
+    Done on import where flop_counter is already loaded, and by callers that load it later: importing
+    it here would add a third of a second to every start.
     """
     from torch.utils import flop_counter
 

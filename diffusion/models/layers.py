@@ -28,6 +28,10 @@ class Conv2d(nn.Conv2d):
             return cpu_conv.conv2d(x, self)
         return super().forward(x)
 
+    def _apply(self, fn, recurse=True):
+        cpu_conv.forget(self.weight)  # moved or cast: a copy of the old weight would only hold memory
+        return super()._apply(fn, recurse)
+
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
     """Sinusoidal embedding of (B,) timesteps -> (B, dim), cos first (LDM / diffusers flip_sin_to_cos)."""
