@@ -39,8 +39,10 @@ def aten_uses_onednn(x: torch.Tensor, conv: nn.Conv2d) -> bool:
 
 def applies(x: torch.Tensor, conv: nn.Conv2d) -> bool:
     """Whether conv(x) runs on a reordered weight: no-grad fp32 inference of a channels-last CPU map."""
-    weight = conv.weight if not parametrize.is_parametrized(conv) else None  # a parametrized weight is new at every call
-    return (weight is not None and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32 and x.dim() == 4
+    if parametrize.is_parametrized(conv):  # its weight is a new tensor at every call
+        return False
+    weight = conv.weight
+    return (x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32 and x.dim() == 4
             and x.numel() > 0 and conv.kernel_size != (1, 1) and aten_uses_onednn(x, conv)
             and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
             and not (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad))
@@ -56,7 +58,7 @@ def conv2d(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
 
 
 class Reordered(NamedTuple):
-    key: tuple  # what the copy was made from: the weight's version, memory and dtype, and the call's shapes
+    key: tuple  # what the copy was made from: the weight's version and memory, and the call's shapes
     source: torch.Tensor  # the weight's memory at the time, held so that no other tensor can take its address
     weight: torch.Tensor  # the reordered copy
 
@@ -69,8 +71,7 @@ _reordered: dict[int, Reordered] = {}
 
 def reordered_weight(weight: torch.Tensor, x: torch.Tensor, stride, padding, dilation, groups: int) -> torch.Tensor:
     """weight in the layout oneDNN's convolution of x wants, reordered once per version and input shape."""
-    key = (weight._version, weight.data_ptr(), weight.dtype, tuple(x.shape), tuple(stride), tuple(padding),
-           tuple(dilation), groups)
+    key = (weight._version, weight.data_ptr(), tuple(x.shape), tuple(stride), tuple(padding), tuple(dilation), groups)
     entry = _reordered.get(id(weight))
     if entry is None:
         weakref.finalize(weight, _reordered.pop, id(weight), None)

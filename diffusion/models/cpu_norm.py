@@ -54,13 +54,17 @@ def _kernels_for(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, grou
         raise ValueError(f"the CPU group norm kernel takes fp32 x (B, C, H, W) and weight, bias (C,); got "
                          f"{x.dtype} {tuple(x.shape)}, {weight.dtype} {tuple(weight.shape)}, {bias.dtype} {tuple(bias.shape)}")
     if not supports(x.shape[1], groups):
-        raise ValueError(f"the CPU group norm kernel does not take {x.shape[1]} channels in {groups} groups")
+        raise _unsupported(x.shape[1], groups)
     return lib
+
+
+def _unsupported(channels: int, groups: int) -> ValueError:
+    return ValueError(f"the CPU group norm kernel does not take {channels} channels in {groups} groups")
 
 
 def _check(status: int, channels: int, groups: int) -> None:
     if status:  # 2, the only failure: supports() has already refused these
-        raise ValueError(f"the CPU group norm kernel does not take {channels} channels in {groups} groups")
+        raise _unsupported(channels, groups)
 
 
 def _group_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int, eps: float,
