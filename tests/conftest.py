@@ -13,6 +13,23 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+@pytest.fixture
+def traced():
+    """traced(fn) -> (compiled fn, graphs): a fullgraph torch.compile that keeps the FX graphs dynamo
+    traces and runs them as traced, without inductor's minutes of kernel building."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    def compile_traced(fn):
+        torch._dynamo.reset()
+        return torch.compile(fn, backend=backend, fullgraph=True), graphs
+
+    return compile_traced
+
+
 @pytest.fixture(scope="session")
 def tiny_config():
     from diffusion.config import load_config

@@ -139,20 +139,14 @@ def test_where_the_kernel_does_not_apply():
         cpu_attention.attention(q, q[:, :, :1], q)
 
 
-def test_compiled_layer_calls_the_kernel_without_graph_breaks():
+def test_compiled_layer_calls_the_kernel_without_graph_breaks(traced):
     torch.manual_seed(0)
     layer = Attention(32, heads=4, context_dim=16)
     x, context = torch.randn(2, 9, 32), torch.randn(2, 5, 16)
     compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
     torch.testing.assert_close(compiled(x, context), layer(x, context))
-    graphs = []
-
-    def backend(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
-    torch._dynamo.reset()
-    torch.compile(layer, backend=backend, fullgraph=True)(x, context)
+    compiled, graphs = traced(layer)
+    compiled(x, context)
     assert any("cpu_attention" in str(node.target) for node in graphs[0].graph.nodes)
 
 

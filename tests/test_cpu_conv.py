@@ -91,16 +91,9 @@ def test_a_freed_weight_leaves_nothing_behind():
     assert key not in cpu_conv._reordered
 
 
-def test_compiled_graphs_call_it_and_see_changed_weights():
+def test_compiled_graphs_call_it_and_see_changed_weights(traced):
     conv, x = conv_and_map(64, 64, (8, 8), padding=1)
-    graphs = []
-
-    def backend(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
-    torch._dynamo.reset()
-    step = torch.compile(lambda x: conv(x).relu(), backend=backend, fullgraph=True)
+    step, graphs = traced(lambda x: conv(x).relu())
     with torch.no_grad():
         assert torch.equal(step(x), reference(conv, x).relu())
         conv.weight.mul_(-1.0)

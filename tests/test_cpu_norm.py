@@ -195,16 +195,10 @@ def test_layers_use_the_kernel_without_autograd_and_match_torch(monkeypatch):
     assert len(calls) == 3
 
 
-def test_compiled_layers_call_the_kernel_without_graph_breaks():
+def test_compiled_layers_call_the_kernel_without_graph_breaks(traced):
     norm, x = affine_norm(64, 32), channels_last_map(2, 64, 6, 6)
-    graphs = []
-
-    def backend(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
-    torch._dynamo.reset()
+    compiled, graphs = traced(lambda x: group_norm(norm, x, silu=True))
     with torch.no_grad():
-        out = torch.compile(lambda x: group_norm(norm, x, silu=True), backend=backend, fullgraph=True)(x)
+        out = compiled(x)
         torch.testing.assert_close(out, F.silu(norm(x)), rtol=1e-5, atol=1e-5)
     assert any("group_norm" in str(node.target) and "diffusion" in str(node.target) for node in graphs[0].graph.nodes)
